@@ -1,0 +1,289 @@
+"""One typed config tree: dataclass sections, loaded from TOML, overridden with
+``section.key=value`` strings, validated at load.
+
+Every field's ``help`` text is what ``scaletrain config show --help-keys`` prints;
+a bad value is reported with its key, the value and what is allowed, before any
+process group starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import tomllib
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any
+
+from scaletrain.errors import UserError
+
+
+def _f(default, help: str, choices: tuple | None = None, minimum: float | None = None):
+    return field(default=default, metadata={"help": help, "choices": choices, "min": minimum})
+
+
+# Named model shapes. debug/tiny/small train on a laptop CPU; the rest are
+# Llama-2/3 dimensions used for planning. vocab_size 0 = taken from the tokenizer.
+MODEL_PRESETS: dict[str, dict[str, Any]] = {
+    "debug": dict(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, ffn_dim=192, vocab_size=0,
+                  max_seq_len=256, tie_embeddings=False, rope_theta=10000.0),
+    "tiny": dict(dim=128, n_layers=4, n_heads=4, n_kv_heads=2, ffn_dim=384, vocab_size=0,
+                 max_seq_len=512, tie_embeddings=False, rope_theta=10000.0),
+    "small": dict(dim=256, n_layers=4, n_heads=8, n_kv_heads=4, ffn_dim=704, vocab_size=0,
+                  max_seq_len=1024, tie_embeddings=False, rope_theta=10000.0),
+    # GPT-3 "small" width/depth with a Llama block.
+    "125m": dict(dim=768, n_layers=12, n_heads=12, n_kv_heads=12, ffn_dim=2048,
+                 vocab_size=32000, max_seq_len=2048, tie_embeddings=True, rope_theta=10000.0),
+    # Llama-3.2-1B.
+    "1b": dict(dim=2048, n_layers=16, n_heads=32, n_kv_heads=8, ffn_dim=8192,
+               vocab_size=128256, max_seq_len=8192, tie_embeddings=True, rope_theta=500000.0),
+    # Llama-2-7B / 13B / 70B.
+    "7b": dict(dim=4096, n_layers=32, n_heads=32, n_kv_heads=32, ffn_dim=11008,
+               vocab_size=32000, max_seq_len=4096, tie_embeddings=False, rope_theta=10000.0),
+    "13b": dict(dim=5120, n_layers=40, n_heads=40, n_kv_heads=40, ffn_dim=13824,
+                vocab_size=32000, max_seq_len=4096, tie_embeddings=False, rope_theta=10000.0),
+    "70b": dict(dim=8192, n_layers=80, n_heads=64, n_kv_heads=8, ffn_dim=28672,
+                vocab_size=32000, max_seq_len=4096, tie_embeddings=False, rope_theta=10000.0),
+}
+
+
+@dataclass
+class ModelConfig:
+    name: str = _f("small", "model preset; its shape is the base that the keys below override",
+                   tuple(MODEL_PRESETS))
+    dim: int = _f(256, "hidden size", minimum=1)
+    n_layers: int = _f(4, "number of transformer blocks", minimum=1)
+    n_heads: int = _f(8, "attention (query) heads; must divide dim", minimum=1)
+    n_kv_heads: int = _f(4, "key/value heads (grouped-query attention); must divide n_heads", minimum=1)
+    vocab_size: int = _f(0, "embedding rows; 0 = the tokenizer's vocabulary rounded up to 64", minimum=0)
+    ffn_dim: int = _f(704, "SwiGLU hidden size", minimum=1)
+    max_seq_len: int = _f(1024, "longest sequence the RoPE table covers", minimum=1)
+    tie_embeddings: bool = _f(False, "share the input embedding with the output head")
+    rope_theta: float = _f(10000.0, "RoPE base frequency", minimum=1.0)
+    norm_eps: float = _f(1e-5, "RMSNorm epsilon", minimum=0.0)
+
+
+@dataclass
+class DataConfig:
+    source: str = _f("stdlib", "a file, a directory, a glob, or 'stdlib' (this interpreter's standard-library .py files)")
+    format: str = _f("auto", "how to read the source files; auto = by extension", ("auto", "text", "jsonl", "parquet"))
+    text_field: str = _f("text", "JSONL key / Parquet column holding the text")
+    tokenizer: str = _f("byte", "'byte', 'bpe' (trained on the corpus), or a tokenizer.json path")
+    bpe_vocab_size: int = _f(4096, "vocabulary size when data.tokenizer = 'bpe'", minimum=258)
+    seq_len: int = _f(256, "tokens per training sequence", minimum=1)
+    cache_dir: str = _f("~/.cache/scaletrain", "where tokenized corpora and trained tokenizers are kept")
+
+
+@dataclass
+class TrainingConfig:
+    steps: int = _f(120, "optimizer steps", minimum=1)
+    global_batch_size: int = _f(16, "sequences per optimizer step, all data-parallel ranks together", minimum=1)
+    micro_batch_size: int = _f(8, "sequences per rank per micro-step; accumulation = global / (micro x dp)", minimum=1)
+    lr: float = _f(3e-3, "peak learning rate", minimum=0.0)
+    warmup_steps: int = _f(10, "linear warmup steps", minimum=0)
+    min_lr: float = _f(3e-4, "learning rate at the end of the cosine decay", minimum=0.0)
+    weight_decay: float = _f(0.1, "AdamW weight decay (not applied to norms)", minimum=0.0)
+    beta1: float = _f(0.9, "AdamW beta1", minimum=0.0)
+    beta2: float = _f(0.95, "AdamW beta2", minimum=0.0)
+    grad_clip: float = _f(1.0, "global gradient-norm clip; 0 = off", minimum=0.0)
+    seed: int = _f(1234, "seed for weights and data order", minimum=0)
+    dtype: str = _f("fp32", "compute dtype (autocast); parameters and optimizer stay fp32", ("fp32", "bf16", "fp16"))
+    activation_checkpointing: str = _f("none", "recompute activations in backward", ("none", "full", "selective"))
+    compile: bool = _f(False, "torch.compile each transformer block")
+
+
+@dataclass
+class ParallelConfig:
+    dp_replicate: int = _f(-1, "replicated data-parallel degree (DDP); -1 = what the world size leaves")
+    dp_shard: int = _f(1, "sharded data-parallel degree (ZeRO); -1 = what the world size leaves")
+    tp: int = _f(1, "tensor-parallel degree", minimum=1)
+    pp: int = _f(1, "pipeline-parallel degree", minimum=1)
+    zero_stage: int = _f(0, "0 = DDP; 1-3 = ZeRO stages over dp_shard", (0, 1, 2, 3))
+    ddp_bucket_cap_mb: float = _f(25.0, "DDP gradient bucket size in MiB", minimum=0.0)
+
+
+@dataclass
+class LoggingConfig:
+    interval: int = _f(1, "log metrics every N steps", minimum=1)
+    sample_tokens: int = _f(160, "tokens of text to sample from the trained model at the end; 0 = none", minimum=0)
+
+
+@dataclass
+class Config:
+    model: ModelConfig = field(default_factory=ModelConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    training: TrainingConfig = field(default_factory=TrainingConfig)
+    parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    logging: LoggingConfig = field(default_factory=LoggingConfig)
+
+    def to_dict(self) -> dict[str, dict[str, Any]]:
+        return dataclasses.asdict(self)
+
+    def to_toml(self) -> str:
+        lines = []
+        for section, values in self.to_dict().items():
+            lines.append(f"[{section}]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+        return "\n".join(lines)
+
+
+def _toml_value(value: Any) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, (int, float)):
+        return repr(value)
+    escaped = str(value).replace("\\", "\\\\").replace('"', '\\"')
+    return f'"{escaped}"'
+
+
+def _sections() -> dict[str, type]:
+    return {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+
+
+def _did_you_mean(name: str, options) -> str:
+    close = difflib.get_close_matches(name, list(options), n=1)
+    return f" (did you mean '{close[0]}'?)" if close else ""
+
+
+def _field(section: str, key: str) -> dataclasses.Field:
+    sections = _sections()
+    if section not in sections:
+        raise UserError(f"unknown config section '{section}'{_did_you_mean(section, sections)}; "
+                        f"sections: {', '.join(sections)}")
+    by_name = {f.name: f for f in fields(sections[section])}
+    if key not in by_name:
+        dotted = [f"{section}.{k}" for k in by_name]
+        raise UserError(f"unknown config key '{section}.{key}'{_did_you_mean(f'{section}.{key}', dotted)}")
+    return by_name[key]
+
+
+def _type_name(tp: type) -> str:
+    return {int: "an integer", float: "a number", bool: "true or false", str: "a string"}[tp]
+
+
+def _field_type(f: dataclasses.Field) -> type:
+    return {"int": int, "float": float, "bool": bool, "str": str}[str(f.type)]
+
+
+def _check_type(key: str, f: dataclasses.Field, value: Any) -> Any:
+    tp = _field_type(f)
+    ok = isinstance(value, tp) and not (tp is int and isinstance(value, bool))
+    if tp is float and isinstance(value, int) and not isinstance(value, bool):
+        value, ok = float(value), True
+    if not ok:
+        raise UserError(f"{key} = {value!r} has the wrong type; expected {_type_name(tp)}")
+    return value
+
+
+def parse_override(item: str) -> tuple[str, str, Any]:
+    """``"training.lr=3e-4"`` -> ("training", "lr", 3e-4), typed by the field."""
+    if "=" not in item:
+        raise UserError(f"--set {item!r}: expected section.key=value")
+    dotted, text = item.split("=", 1)
+    dotted = dotted.strip()
+    if dotted.count(".") != 1:
+        raise UserError(f"--set {item!r}: the key must be section.key, e.g. training.lr=3e-4")
+    section, key = dotted.split(".")
+    f = _field(section, key)
+    tp = _field_type(f)
+    text = text.strip()
+    try:
+        if tp is bool:
+            if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
+                raise ValueError
+            value: Any = text.lower() in ("true", "1", "yes")
+        elif tp is int:
+            value = int(text)
+        elif tp is float:
+            value = float(text)
+        else:
+            value = text
+    except ValueError:
+        raise UserError(f"{dotted} = {text!r} has the wrong type; expected {_type_name(tp)}") from None
+    return section, key, value
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str, ...] = ()) -> Config:
+    """Defaults <- model preset <- TOML file <- ``--set`` overrides, then validate."""
+    raw: dict[str, dict[str, Any]] = {}
+    if path is not None:
+        path = Path(path)
+        if not path.is_file():
+            raise UserError(f"config file {path} does not exist")
+        try:
+            raw = tomllib.loads(path.read_text())
+        except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+            raise UserError(f"{path}: malformed TOML: {exc}") from None
+    for section, values in raw.items():
+        if not isinstance(values, dict):
+            raise UserError(f"{path}: '{section}' must be a [section] table")
+        for key, value in values.items():
+            values[key] = _check_type(f"{section}.{key}", _field(section, key), value)
+    for item in overrides:
+        section, key, value = parse_override(item)
+        raw.setdefault(section, {})[key] = value
+
+    model_raw = raw.get("model", {})
+    name = model_raw.get("name", ModelConfig.name)
+    if name not in MODEL_PRESETS:
+        raise UserError(f"model.name = {name!r} is not a preset{_did_you_mean(name, MODEL_PRESETS)}; "
+                        f"allowed: {', '.join(MODEL_PRESETS)}")
+    raw["model"] = {**MODEL_PRESETS[name], **model_raw, "name": name}
+
+    cfg = Config(**{section: cls(**raw.get(section, {})) for section, cls in _sections().items()})
+    validate(cfg)
+    return cfg
+
+
+def validate(cfg: Config) -> None:
+    """Per-field bounds and choices, then the relations between fields."""
+    for section, cls in _sections().items():
+        obj = getattr(cfg, section)
+        for f in fields(cls):
+            value = getattr(obj, f.name)
+            choices, minimum = f.metadata["choices"], f.metadata["min"]
+            if choices is not None and value not in choices:
+                raise UserError(f"{section}.{f.name} = {value!r} is not allowed; allowed: "
+                                f"{', '.join(map(str, choices))}{_did_you_mean(str(value), map(str, choices))}")
+            if minimum is not None and value < minimum:
+                raise UserError(f"{section}.{f.name} = {value!r} must be >= {minimum}")
+    m, d, t, p = cfg.model, cfg.data, cfg.training, cfg.parallel
+    if m.dim % m.n_heads:
+        raise UserError(f"model.n_heads = {m.n_heads} must divide model.dim = {m.dim}")
+    if (m.dim // m.n_heads) % 2:
+        raise UserError(f"model.dim / model.n_heads = {m.dim // m.n_heads} must be even for RoPE")
+    if m.n_heads % m.n_kv_heads:
+        raise UserError(f"model.n_kv_heads = {m.n_kv_heads} must divide model.n_heads = {m.n_heads}")
+    if d.seq_len > m.max_seq_len:
+        raise UserError(f"data.seq_len = {d.seq_len} exceeds model.max_seq_len = {m.max_seq_len}")
+    if t.global_batch_size % t.micro_batch_size:
+        raise UserError(f"training.global_batch_size = {t.global_batch_size} is not divisible by "
+                        f"training.micro_batch_size = {t.micro_batch_size}")
+    if t.min_lr > t.lr:
+        raise UserError(f"training.min_lr = {t.min_lr} exceeds training.lr = {t.lr}")
+    for key in ("dp_replicate", "dp_shard"):
+        value = getattr(p, key)
+        if value != -1 and value < 1:
+            raise UserError(f"parallel.{key} = {value} must be >= 1, or -1 for 'what the world size leaves'")
+    if p.dp_replicate == -1 and p.dp_shard == -1:
+        raise UserError("parallel.dp_replicate and parallel.dp_shard cannot both be -1")
+    # Layouts that arrive with the sharded/model-parallel work are refused
+    # clearly rather than run wrongly.
+    if p.tp != 1 or p.pp != 1:
+        raise UserError(f"parallel.tp = {p.tp}, parallel.pp = {p.pp}: tensor and pipeline parallelism "
+                        "are not available in this version; allowed: 1")
+    if p.zero_stage != 0 or p.dp_shard not in (1,):
+        raise UserError(f"parallel.zero_stage = {p.zero_stage}, parallel.dp_shard = {p.dp_shard}: "
+                        "ZeRO sharding is not available in this version; allowed: zero_stage 0, dp_shard 1")
+
+
+def config_help() -> str:
+    """Every key with its type, default and help text."""
+    lines = []
+    for section, cls in _sections().items():
+        for f in fields(cls):
+            choices = f.metadata["choices"]
+            allowed = f" [{', '.join(map(str, choices))}]" if choices else ""
+            lines.append(f"{section}.{f.name} ({f.type}, default {f.default!r}){allowed}: {f.metadata['help']}")
+    return "\n".join(lines)

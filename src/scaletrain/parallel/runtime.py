@@ -1,0 +1,61 @@
+"""The process's place in the job: rank, world size, device, process group.
+
+Under torchrun (or ``scaletrain train --nproc N``) the environment carries
+RANK / WORLD_SIZE / LOCAL_RANK and the rendezvous address; otherwise the
+process trains alone without a process group. The backend is chosen from the
+device: NCCL on CUDA, gloo on CPU."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+
+@dataclass(frozen=True)
+class Runtime:
+    rank: int
+    world_size: int
+    local_rank: int
+    device: torch.device
+
+    @property
+    def distributed(self) -> bool:
+        return dist.is_available() and dist.is_initialized()
+
+    @property
+    def is_main(self) -> bool:
+        return self.rank == 0
+
+    def barrier(self) -> None:
+        if self.distributed:
+            dist.barrier()
+
+
+def under_launcher() -> bool:
+    return "RANK" in os.environ and "WORLD_SIZE" in os.environ
+
+
+def init_runtime(timeout_s: float = 1800.0) -> Runtime:
+    if not under_launcher():
+        device = torch.device("cuda", 0) if torch.cuda.is_available() else torch.device("cpu")
+        return Runtime(0, 1, 0, device)
+    rank, world_size = int(os.environ["RANK"]), int(os.environ["WORLD_SIZE"])
+    local_rank = int(os.environ.get("LOCAL_RANK", 0))
+    if torch.cuda.is_available():
+        device = torch.device("cuda", local_rank)
+        torch.cuda.set_device(device)
+        backend = "nccl"
+    else:
+        device, backend = torch.device("cpu"), "gloo"
+    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
+                            device_id=device if device.type == "cuda" else None)
+    return Runtime(rank, world_size, local_rank, device)
+
+
+def shutdown(runtime: Runtime) -> None:
+    if runtime.distributed:
+        dist.destroy_process_group()

@@ -1,0 +1,149 @@
+"""Starting a run: validate everything in the launching process, then train
+in-process (one process) or start N local workers through torchrun's own
+entry point (``torch.distributed.run``); under an external torchrun the same
+``scaletrain train`` joins the existing group as a worker.
+
+Everything that can be wrong with the input (config, layout, data) is found
+before the run directory or any worker exists, so bad input writes nothing.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch.distributed as dist
+
+from scaletrain.config import Config, load_config
+from scaletrain.data import prepare_corpus
+from scaletrain.errors import UserError
+from scaletrain.parallel import ParallelDims
+from scaletrain.parallel.runtime import init_runtime, shutdown, under_launcher
+from scaletrain.train.trainer import Trainer, check_data, grad_accum_steps, resolve_vocab
+
+
+def default_run_dir() -> Path:
+    return Path("runs") / time.strftime("%Y%m%d-%H%M%S")
+
+
+def prepare_run(cfg: Config, world_size: int, run_dir: Path | None) -> tuple[Config, Path]:
+    """Check layout, batch arithmetic and data (tokenizing the corpus into the
+    cache if needed), then create the run directory with the resolved config."""
+    dims = ParallelDims.from_config(cfg.parallel, world_size)
+    grad_accum_steps(cfg, dims)
+    corpus = prepare_corpus(cfg.data)
+    cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
+    check_data(cfg, corpus)
+    run_dir = run_dir or default_run_dir()
+    if (run_dir / "metrics.jsonl").exists():
+        raise UserError(f"--run-dir {run_dir} already holds a run (metrics.jsonl); choose another directory")
+    run_dir.mkdir(parents=True, exist_ok=True)
+    (run_dir / "config.toml").write_text(cfg.to_toml())
+    return cfg, run_dir
+
+
+def train(config_path: str | None, overrides: list[str], nproc: int, run_dir: Path | None) -> int:
+    """``scaletrain train``: returns the process exit code."""
+    if under_launcher():
+        if nproc != 1:
+            raise UserError("--nproc cannot be used under torchrun; torchrun already started the workers")
+        return run_worker(load_config(config_path, overrides), run_dir)
+    if nproc < 1:
+        raise UserError(f"--nproc = {nproc}; allowed: 1 or more local worker processes")
+    cfg = load_config(config_path, overrides)
+    cfg, run_dir = prepare_run(cfg, nproc, run_dir)
+    if nproc == 1:
+        return run_worker(cfg, run_dir, exit_hard=False)
+    return launch_workers(run_dir, nproc)
+
+
+def launch_workers(run_dir: Path, nproc: int) -> int:
+    from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+    from torch.distributed.run import get_args_parser, run
+
+    cores = os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
+    args = get_args_parser().parse_args([
+        "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
+        "-m", "scaletrain", "train", "--config", str(run_dir / "config.toml"), "--run-dir", str(run_dir),
+    ])
+    try:
+        run(args)
+    except ChildFailedError as exc:
+        codes = {failure.exitcode for failure in exc.failures.values()}
+        return 2 if codes == {2} else 1
+    return 0
+
+
+class _RankPrefixWriter(io.TextIOBase):
+    """Prefixes every line a non-zero rank prints with ``[rankN]``."""
+
+    def __init__(self, stream, prefix: str):
+        self.stream, self.prefix, self.at_line_start = stream, prefix, True
+
+    def write(self, text: str) -> int:
+        for piece in text.splitlines(keepends=True):
+            if self.at_line_start:
+                self.stream.write(self.prefix)
+            self.stream.write(piece)
+            self.at_line_start = piece.endswith("\n")
+        return len(text)
+
+    def flush(self) -> None:
+        self.stream.flush()
+
+    def isatty(self) -> bool:
+        return False
+
+
+def run_worker(cfg: Config, run_dir: Path | None, exit_hard: bool = True) -> int:
+    """Train as one rank. Under a launcher the process ends with ``os._exit``
+    once everything is written and flushed: with gloo a worker can abort in
+    its C++ destructors at interpreter exit ("terminate called without an
+    active exception") after a run that finished, which torchrun would report
+    as a failure."""
+    runtime = init_runtime()
+    code = 1
+    try:
+        if runtime.rank != 0:
+            sys.stdout = _RankPrefixWriter(sys.stdout, f"[rank{runtime.rank}] ")
+            sys.stderr = _RankPrefixWriter(sys.stderr, f"[rank{runtime.rank}] ")
+        run_dir = _agree_on_run_dir(runtime, run_dir)
+        trainer = Trainer(cfg, run_dir, runtime)
+        summary = trainer.fit()
+        if runtime.is_main:
+            from scaletrain.train.display import print_summary
+
+            print_summary(summary)
+        code = 0
+    except UserError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 2
+    except Exception:
+        traceback.print_exc()
+        code = 1
+    finally:
+        if exit_hard:
+            sys.stdout.flush()
+            sys.stderr.flush()
+            if code == 0:
+                shutdown(runtime)
+            os._exit(code)
+        shutdown(runtime)
+    return code
+
+
+def _agree_on_run_dir(runtime, run_dir: Path | None) -> Path:
+    """Under an external torchrun without --run-dir, rank 0 picks the directory."""
+    if run_dir is None:
+        choice = [str(default_run_dir()) if runtime.is_main else None]
+        if runtime.distributed:
+            dist.broadcast_object_list(choice, src=0)
+        run_dir = Path(choice[0])
+    if runtime.is_main:
+        run_dir.mkdir(parents=True, exist_ok=True)
+    return run_dir

@@ -1,0 +1,237 @@
+"""The training loop: one optimizer step = ``grad_accum`` micro-steps on every
+data-parallel rank, then clip, step, schedule, log.
+
+Data flow of one step: sampler -> token batch -> parallelized model forward ->
+loss -> backward (DDP reduce hooks on the last micro-step) -> global-norm clip
+-> optimizer step -> metrics.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import dataclasses
+import json
+import os
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+from safetensors.torch import save_file
+from torch.nn.parallel import DistributedDataParallel
+
+from scaletrain.config import Config
+from scaletrain.data import DistributedBatchSampler, SequenceDataset, TokenCorpus, prepare_corpus
+from scaletrain.errors import UserError
+from scaletrain.model import Llama, cross_entropy_loss, generate, param_count, train_flops_per_token
+from scaletrain.parallel import ParallelDims, parallelize, unwrap
+from scaletrain.parallel.runtime import Runtime
+from scaletrain.train.display import ProgressDisplay, print_summary
+from scaletrain.train.metrics import MetricsWriter, device_peak_flops, mem_peak_bytes
+from scaletrain.train.optim import build_optimizer, build_scheduler
+
+AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+VOCAB_MULTIPLE = 64
+
+
+def grad_accum_steps(cfg: Config, dims: ParallelDims) -> int:
+    """global = micro x dp x accumulation, all integers."""
+    t = cfg.training
+    per_step = t.micro_batch_size * dims.dp_size
+    if t.global_batch_size % per_step:
+        raise UserError(f"training.global_batch_size = {t.global_batch_size} is not divisible by "
+                        f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dims.dp_size}")
+    return t.global_batch_size // per_step
+
+
+def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
+    """model.vocab_size 0 -> the tokenizer's vocabulary rounded up to 64."""
+    if cfg.model.vocab_size == 0:
+        padded = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
+        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=padded))
+    if cfg.model.vocab_size < vocab_size:
+        raise UserError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
+                        f"vocabulary ({vocab_size}); use 0 to size it from the tokenizer")
+    return cfg
+
+
+def check_data(cfg: Config, corpus: TokenCorpus) -> SequenceDataset:
+    dataset = SequenceDataset(corpus.tokens(), cfg.data.seq_len)
+    # Raises a UserError when the corpus cannot fill one global batch.
+    DistributedBatchSampler(dataset.n_sequences, cfg.training.global_batch_size)
+    return dataset
+
+
+def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    """Full (unsharded) fp32 parameters by name; a tied head is stored once."""
+    plain = unwrap(model)
+    state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
+    if plain.cfg.tie_embeddings:
+        state.pop("lm_head.weight", None)
+    return state
+
+
+class Trainer:
+    def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime, show_progress: bool = True):
+        self.runtime, self.run_dir = runtime, run_dir
+        self.dims = ParallelDims.from_config(cfg.parallel, runtime.world_size)
+        self.accum = grad_accum_steps(cfg, self.dims)
+        self.mesh = self.dims.build_mesh(runtime.device.type)
+        dp_rank = self.mesh["dp_replicate"].get_local_rank() if self.dims.dp_replicate > 1 else 0
+
+        # One process per node tokenizes; the others wait and then open the cache.
+        if runtime.local_rank == 0:
+            corpus = prepare_corpus(cfg.data, show_progress=show_progress and runtime.is_main)
+        runtime.barrier()
+        if runtime.local_rank != 0:
+            corpus = prepare_corpus(cfg.data, show_progress=False)
+        self.corpus = corpus
+        self.cfg = cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
+        self.dataset = check_data(cfg, corpus)
+        if runtime.is_main and not (run_dir / "config.toml").exists():  # started by an external torchrun
+            (run_dir / "config.toml").write_text(cfg.to_toml())
+        self.sampler = DistributedBatchSampler(self.dataset.n_sequences, cfg.training.global_batch_size,
+                                               dp_rank, self.dims.dp_size, cfg.training.seed)
+
+        model = Llama(cfg.model)
+        model.init_weights(cfg.training.seed)
+        model.to(runtime.device)
+        self.model = parallelize(model, self.dims, self.mesh, cfg, runtime.device)
+        self.optimizer = build_optimizer(self.model, cfg.training)
+        self.scheduler = build_scheduler(self.optimizer, cfg.training)
+        self.autocast_dtype = AUTOCAST_DTYPES.get(cfg.training.dtype)
+        self.scaler = torch.amp.GradScaler(runtime.device.type) if cfg.training.dtype == "fp16" else None
+        self.step = 0
+        self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
+        self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
+        self.peak_flops = device_peak_flops(runtime.device, cfg.training.dtype)
+
+    def _autocast(self):
+        if self.autocast_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.runtime.device.type, dtype=self.autocast_dtype)
+
+    def train_step(self) -> dict:
+        """One optimizer step; returns its metrics (loss averaged over the global batch)."""
+        start = time.perf_counter()
+        t = self.cfg.training
+        indices = self.sampler.next_batch()
+        device = self.runtime.device
+        loss_sum = torch.zeros((), device=device)
+        for micro in range(self.accum):
+            inputs, targets = self.dataset.batch(indices[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size])
+            inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
+            # Gradients are all-reduced once, on the last micro-step.
+            last = micro == self.accum - 1
+            sync = contextlib.nullcontext() if last or not isinstance(self.model, DistributedDataParallel) \
+                else self.model.no_sync()
+            with sync:
+                with self._autocast():
+                    loss = cross_entropy_loss(self.model(inputs), targets) / self.accum
+                (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += loss.detach()
+        if self.scaler:
+            self.scaler.unscale_(self.optimizer)
+        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
+        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        lr = self.scheduler.get_last_lr()[0]
+        if self.scaler:
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+        else:
+            self.optimizer.step()
+        self.scheduler.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        if self.runtime.distributed and self.dims.dp_size > 1:
+            # gloo has no AVG: sum the per-rank means, divide by the rank count.
+            dist.all_reduce(loss_sum)
+            loss_sum /= self.dims.dp_size
+        loss_value = loss_sum.item()  # synchronizes the device, so the step time below is real
+        step_time = time.perf_counter() - start
+        self.step += 1
+        flops_per_s = self.flops_per_token * self.tokens_per_step / step_time
+        return {
+            "step": self.step,
+            "loss": loss_value,
+            "lr": lr,
+            "grad_norm": grad_norm.item(),
+            "tokens": self.step * self.tokens_per_step,
+            "tokens_per_s": self.tokens_per_step / step_time,
+            "step_time_s": step_time,
+            "mem_peak_bytes": mem_peak_bytes(device),
+            "flops_per_s_per_device": flops_per_s / self.runtime.world_size,
+            "mfu": flops_per_s / self.runtime.world_size / self.peak_flops if self.peak_flops else None,
+        }
+
+    def fit(self, show_progress: bool = True) -> dict:
+        cfg, main = self.cfg, self.runtime.is_main
+        writer = MetricsWriter(self.run_dir / "metrics.jsonl" if main else None)
+        display = ProgressDisplay(cfg.training.steps, enabled=show_progress and main,
+                                  line_every=max(cfg.logging.interval, cfg.training.steps // 10))
+        records, start = [], time.perf_counter()
+        try:
+            while self.step < cfg.training.steps:
+                record = self.train_step()
+                records.append(record)
+                if self.step % cfg.logging.interval == 0 or self.step == cfg.training.steps:
+                    writer.write(record)
+                display.update(self.step, record)
+        finally:
+            display.close()
+            writer.close()
+        elapsed = time.perf_counter() - start
+        summary = self._summary(records, elapsed)
+        if main:
+            self._write_outputs(summary)
+        return summary
+
+    def _summary(self, records: list[dict], elapsed: float) -> dict:
+        cfg = self.cfg
+        # Steady state: the first step pays for warm-up (allocations, DDP buckets).
+        steady = records[1:] or records
+        steady_time = sum(r["step_time_s"] for r in steady)
+        window = min(10, len(records))
+        tokens_per_s = self.tokens_per_step * len(steady) / steady_time
+        flops_per_s_per_device = self.flops_per_token * tokens_per_s / self.runtime.world_size
+        return {
+            "run_dir": str(self.run_dir),
+            "model": cfg.model.name,
+            "params": param_count(cfg.model),
+            "layout": {name: getattr(self.dims, name) for name in ("dp_replicate", "dp_shard", "tp", "pp")},
+            "world_size": self.runtime.world_size,
+            "device": self.runtime.device.type,
+            "grad_accum_steps": self.accum,
+            "steps": self.step,
+            "tokens": self.step * self.tokens_per_step,
+            "loss_first": records[0]["loss"],
+            "loss_last": sum(r["loss"] for r in records[-window:]) / window,
+            "loss_last_window": window,
+            "elapsed_s": elapsed,
+            "tokens_per_s": tokens_per_s,
+            "flops_per_s_per_device": flops_per_s_per_device,
+            "mfu": flops_per_s_per_device / self.peak_flops if self.peak_flops else None,
+            "mem_peak_bytes": max(r["mem_peak_bytes"] for r in records),
+            "mem_peak_source": "cuda_allocator" if self.runtime.device.type == "cuda" else "process_rss",
+        }
+
+    def sample_text(self, n_samples: int = 3, prompt_tokens: int = 24) -> list[str]:
+        """Continue the openings of a few corpus sequences with the trained model."""
+        n_new = self.cfg.logging.sample_tokens
+        if n_new == 0:
+            return []
+        model = unwrap(self.model)
+        model.eval()
+        step = max(1, self.dataset.n_sequences // n_samples)
+        prompts = torch.stack([self.dataset.batch([i * step])[0][0, :prompt_tokens] for i in range(n_samples)])
+        out = generate(model, prompts.to(self.runtime.device), n_new, seed=self.cfg.training.seed,
+                       max_seq_len=self.cfg.data.seq_len)
+        model.train()
+        tokenizer = self.corpus.tokenizer
+        return [tokenizer.decode(row.tolist()) for row in out.cpu()]
+
+    def _write_outputs(self, summary: dict) -> None:
+        summary["samples"] = self.sample_text()
+        tmp = self.run_dir / "model.safetensors.tmp"
+        save_file(full_state_dict(self.model), str(tmp), metadata={"step": str(self.step)})
+        os.replace(tmp, self.run_dir / "model.safetensors")
+        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
