@@ -5,6 +5,8 @@ data parallel (DDP / FSDP)."""
 
 from __future__ import annotations
 
+import inspect
+
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -28,11 +30,18 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg: Config, device:
             device_ids=[device.index] if device.type == "cuda" else None,
             process_group=group,
             bucket_cap_mb=cfg.parallel.ddp_bucket_cap_mb,
-            # RoPE tables are derived from the config, identical everywhere.
-            broadcast_buffers=False,
+            **_no_buffer_sync(),
             gradient_as_bucket_view=True,
         )
     return model
+
+
+def _no_buffer_sync() -> dict:
+    """The RoPE tables are derived from the config, identical on every rank:
+    no need to re-broadcast them before every forward."""
+    if "forward_sync_buffers" in inspect.signature(DistributedDataParallel.__init__).parameters:
+        return {"forward_sync_buffers": False}
+    return {"broadcast_buffers": False}  # torch < 2.13
 
 
 def unwrap(model: nn.Module) -> nn.Module:
