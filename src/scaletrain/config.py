@@ -92,13 +92,26 @@ class TrainingConfig:
     compile: bool = _f(False, "torch.compile each transformer block")
 
 
+PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
+
+
 @dataclass
 class ParallelConfig:
-    dp_replicate: int = _f(-1, "replicated data-parallel degree (DDP); -1 = what the world size leaves")
-    dp_shard: int = _f(1, "sharded data-parallel degree (ZeRO); -1 = what the world size leaves")
-    tp: int = _f(1, "tensor-parallel degree", minimum=1)
+    dp_replicate: int = _f(-1, "replicated data-parallel degree; -1 = auto (what the world size leaves when "
+                               "zero_stage is 0, else 1)")
+    dp_shard: int = _f(-1, "sharded data-parallel degree (ZeRO / FSDP); -1 = auto (what the world size "
+                           "leaves when zero_stage > 0, else 1)")
+    tp: int = _f(1, "tensor-parallel degree (Megatron-style, DTensor)", minimum=1)
     pp: int = _f(1, "pipeline-parallel degree", minimum=1)
-    zero_stage: int = _f(0, "0 = DDP; 1-3 = ZeRO stages over dp_shard", (0, 1, 2, 3))
+    zero_stage: int = _f(0, "0 = DDP; 1 = + optimizer states sharded; 2 = + gradients; 3 = + parameters "
+                            "(FSDP2); HSDP = dp_replicate x dp_shard with stage 2 or 3", (0, 1, 2, 3))
+    sequence_parallel: bool = _f(False, "with tp > 1: shard norms and the residual stream along the sequence")
+    pp_schedule: str = _f("1f1b", "pipeline schedule", PP_SCHEDULES)
+    pp_microbatches: int = _f(-1, "microbatches per pipeline step (must divide training.micro_batch_size); "
+                                  "-1 = one sequence each")
+    pp_virtual_stages: int = _f(-1, "pipeline stages per rank; -1 = 2 for interleaved_1f1b / interleaved_zb "
+                                    "/ zbv, else 1")
+    cpu_offload: bool = _f(False, "ZeRO-3: keep sharded parameters and optimizer states in CPU memory (CUDA only)")
     ddp_bucket_cap_mb: float = _f(25.0, "DDP gradient bucket size in MiB", minimum=0.0)
 
 
@@ -262,20 +275,64 @@ def validate(cfg: Config) -> None:
                         f"training.micro_batch_size = {t.micro_batch_size}")
     if t.min_lr > t.lr:
         raise UserError(f"training.min_lr = {t.min_lr} exceeds training.lr = {t.lr}")
-    for key in ("dp_replicate", "dp_shard"):
+    for key in ("dp_replicate", "dp_shard", "pp_microbatches", "pp_virtual_stages"):
         value = getattr(p, key)
         if value != -1 and value < 1:
-            raise UserError(f"parallel.{key} = {value} must be >= 1, or -1 for 'what the world size leaves'")
-    if p.dp_replicate == -1 and p.dp_shard == -1:
-        raise UserError("parallel.dp_replicate and parallel.dp_shard cannot both be -1")
-    # Layouts that arrive with the sharded/model-parallel work are refused
-    # clearly rather than run wrongly.
-    if p.tp != 1 or p.pp != 1:
-        raise UserError(f"parallel.tp = {p.tp}, parallel.pp = {p.pp}: tensor and pipeline parallelism "
-                        "are not available in this version; allowed: 1")
-    if p.zero_stage != 0 or p.dp_shard not in (1,):
-        raise UserError(f"parallel.zero_stage = {p.zero_stage}, parallel.dp_shard = {p.dp_shard}: "
-                        "ZeRO sharding is not available in this version; allowed: zero_stage 0, dp_shard 1")
+            raise UserError(f"parallel.{key} = {value} must be >= 1, or -1 for auto")
+    if m.n_heads % p.tp or m.n_kv_heads % p.tp:
+        raise UserError(f"parallel.tp = {p.tp} must divide model.n_heads = {m.n_heads} and "
+                        f"model.n_kv_heads = {m.n_kv_heads}")
+    if p.sequence_parallel and p.tp == 1:
+        raise UserError("parallel.sequence_parallel = true needs parallel.tp > 1")
+    if p.zero_stage == 1 and p.tp > 1:
+        raise UserError("parallel.zero_stage = 1 with parallel.tp > 1 is not supported (ZeroRedundancyOptimizer "
+                        "takes no DTensor parameters); use zero_stage 0, 2 or 3")
+    if p.cpu_offload and p.zero_stage != 3:
+        raise UserError(f"parallel.cpu_offload = true needs parallel.zero_stage = 3 (is {p.zero_stage})")
+    if p.pp > 1:
+        check_pipeline(cfg)
+
+
+def pipeline_virtual_stages(p: "ParallelConfig") -> int:
+    if p.pp_virtual_stages != -1:
+        return p.pp_virtual_stages
+    return 2 if p.pp_schedule in ("interleaved_1f1b", "interleaved_zb", "zbv") else 1
+
+
+def pipeline_microbatches(cfg: "Config") -> int:
+    mb = cfg.parallel.pp_microbatches
+    return cfg.training.micro_batch_size if mb == -1 else mb
+
+
+def check_pipeline(cfg: "Config") -> None:
+    """What torch.distributed.pipelining's schedules accept, checked up front."""
+    m, p = cfg.model, cfg.parallel
+    v, n_mb = pipeline_virtual_stages(p), pipeline_microbatches(cfg)
+    stages = p.pp * v
+    if stages > m.n_layers:
+        raise UserError(f"parallel.pp x virtual stages = {p.pp} x {v} = {stages} exceeds model.n_layers = "
+                        f"{m.n_layers}: every pipeline stage needs a layer")
+    if m.tie_embeddings:
+        raise UserError("model.tie_embeddings = true with parallel.pp > 1 is not supported: the embedding "
+                        "and the head live on different pipeline stages")
+    if cfg.training.micro_batch_size % n_mb:
+        raise UserError(f"parallel.pp_microbatches = {n_mb} must divide training.micro_batch_size = "
+                        f"{cfg.training.micro_batch_size}")
+    single = p.pp_schedule in ("gpipe", "1f1b")
+    if single and v != 1:
+        raise UserError(f"parallel.pp_schedule = {p.pp_schedule!r} runs one stage per rank; "
+                        f"parallel.pp_virtual_stages = {v} needs interleaved_1f1b, interleaved_zb or zbv")
+    if not single and v < 2:
+        raise UserError(f"parallel.pp_schedule = {p.pp_schedule!r} needs parallel.pp_virtual_stages >= 2")
+    if p.pp_schedule == "zbv" and v != 2:
+        raise UserError(f"parallel.pp_schedule = 'zbv' needs exactly 2 virtual stages per rank (is {v})")
+    if p.pp_schedule == "1f1b" and n_mb < p.pp:
+        raise UserError(f"parallel.pp_schedule = '1f1b' needs pp_microbatches >= pp ({n_mb} < {p.pp})")
+    if p.pp_schedule in ("interleaved_1f1b", "interleaved_zb"):
+        rounds = max(1, n_mb // p.pp)
+        if n_mb % rounds:
+            raise UserError(f"parallel.pp_schedule = {p.pp_schedule!r} needs pp_microbatches = {n_mb} to be a "
+                            f"multiple of its rounds max(1, pp_microbatches // pp) = {rounds}")
 
 
 def config_help() -> str:

@@ -11,6 +11,7 @@ convention (rotate-half) match HF ``LlamaForCausalLM`` so export is a renaming.
 from __future__ import annotations
 
 import math
+import zlib
 
 import torch
 import torch.nn.functional as F
@@ -60,6 +61,7 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         B, T, _ = x.shape
+        cos, sin = cos[:T], sin[:T]  # (T, head_dim)
         # view(..., -1, head_dim) infers the head count, so a tensor-parallel
         # shard with fewer local heads needs no change here.
         q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
@@ -117,28 +119,27 @@ class Llama(nn.Module):
 
     @torch.no_grad()
     def init_weights(self, seed: int) -> None:
-        """Deterministic init from ``seed``, independent of the global RNG state.
+        """Deterministic init: each parameter draws from its own generator,
+        seeded by (seed, parameter name), so any part of the model (a pipeline
+        stage, a shard's source) gets the same values as the whole model.
 
-        Normal(0, 0.02) everywhere; residual output projections scaled by
-        1/sqrt(2 * n_layers) as in GPT-2 (Radford et al. 2019)."""
-        gen = torch.Generator().manual_seed(seed)
+        Normal(0, 0.02); residual output projections scaled by
+        1/sqrt(2 * n_layers) as in GPT-2 (Radford et al. 2019); norms 1."""
         residual_std = 0.02 / math.sqrt(2 * self.cfg.n_layers)
         for name, param in self.named_parameters():
             if name.endswith("norm.weight"):
                 param.fill_(1.0)
                 continue
             std = residual_std if name.endswith(("o_proj.weight", "down_proj.weight")) else 0.02
-            values = torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-            param.copy_(values)
+            gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
+            param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         """tokens: (B, T) int64 -> logits (B, T, vocab) (or hidden states on a
         pipeline stage without a head)."""
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens  # (B, T, dim)
-        T = h.shape[1]
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]
         for layer in self.layers.values():
-            h = layer(h, cos, sin)
+            h = layer(h, self.rope_cos, self.rope_sin)
         h = self.norm(h) if self.norm is not None else h
         return self.lm_head(h) if self.lm_head is not None else h
 

@@ -18,38 +18,50 @@ class ParallelDims:
 
     @classmethod
     def from_config(cls, cfg: ParallelConfig, world_size: int) -> "ParallelDims":
-        """Resolve a -1 degree to what the world size leaves, then check the product."""
+        """Resolve the -1 (auto) degrees, then check the product and the ZeRO rules.
+
+        Auto: the data-parallel ranks the world size leaves go to dp_replicate
+        under zero_stage 0 (DDP) and to dp_shard under zero_stage 1-3."""
         rep, shard = cfg.dp_replicate, cfg.dp_shard
-        fixed = cfg.tp * cfg.pp * (rep if rep != -1 else 1) * (shard if shard != -1 else 1)
+        if rep == -1 and shard == -1:
+            rep, shard = (-1, 1) if cfg.zero_stage == 0 else (1, -1)
+        fixed = cfg.tp * cfg.pp * max(rep, 1) * max(shard, 1)
         if -1 in (rep, shard):
             if world_size % fixed:
-                raise UserError(f"parallel degrees (dp_replicate={rep}, dp_shard={shard}, tp={cfg.tp}, "
-                                f"pp={cfg.pp}) have a fixed product {fixed} that does not divide the world "
-                                f"size {world_size}")
+                raise UserError(f"parallel degrees (dp_replicate={cfg.dp_replicate}, dp_shard={cfg.dp_shard}, "
+                                f"tp={cfg.tp}, pp={cfg.pp}) have a product {fixed} that does not divide the "
+                                f"world size {world_size}")
             rep = world_size // fixed if rep == -1 else rep
             shard = world_size // fixed if shard == -1 else shard
-        dims = cls(rep, shard, cfg.tp, cfg.pp, world_size)
         product = rep * shard * cfg.tp * cfg.pp
         if product != world_size:
             raise UserError(f"parallel.dp_replicate x dp_shard x tp x pp = {rep} x {shard} x {cfg.tp} x "
                             f"{cfg.pp} = {product}, but the world size is {world_size}")
-        return dims
+        if cfg.zero_stage == 0 and shard > 1:
+            raise UserError(f"parallel.dp_shard = {shard} shards state, which needs parallel.zero_stage 1-3 "
+                            "(zero_stage 0 is plain DDP over dp_replicate)")
+        if cfg.zero_stage == 1 and rep > 1:
+            raise UserError(f"parallel.zero_stage = 1 shards optimizer states over dp_shard; dp_replicate = "
+                            f"{rep} (HSDP) needs zero_stage 2 or 3")
+        return cls(rep, shard, cfg.tp, cfg.pp, world_size)
 
     @property
     def dp_size(self) -> int:
         return self.dp_replicate * self.dp_shard
 
-    def enabled(self) -> list[tuple[str, int]]:
-        """(name, degree) of every dimension > 1, outermost first."""
-        order = [("pp", self.pp), ("dp_replicate", self.dp_replicate), ("dp_shard", self.dp_shard), ("tp", self.tp)]
-        return [(name, degree) for name, degree in order if degree > 1]
+    @property
+    def names(self) -> tuple[str, ...]:
+        return ("pp", "dp_replicate", "dp_shard", "tp")
+
+    def degrees(self) -> dict[str, int]:
+        return {name: getattr(self, name) for name in self.names}
 
     def build_mesh(self, device_type: str):
-        """One DeviceMesh with a named dimension per enabled degree (None single-process)."""
+        """One 4-D DeviceMesh (pp, dp_replicate, dp_shard, tp), outermost first,
+        size-1 dimensions included so every layout slices the same names; None
+        for a single process."""
         from torch.distributed.device_mesh import init_device_mesh
 
-        dims = self.enabled()
-        if not dims:
+        if self.world_size == 1:
             return None
-        names, shape = zip(*dims)
-        return init_device_mesh(device_type, shape, mesh_dim_names=names)
+        return init_device_mesh(device_type, tuple(self.degrees().values()), mesh_dim_names=self.names)

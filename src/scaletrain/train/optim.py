@@ -1,24 +1,13 @@
-"""AdamW with decoupled weight decay (Loshchilov & Hutter 2019) and a linear
-warmup + cosine decay schedule to ``min_lr``."""
+"""The learning-rate schedule: linear warmup, then cosine decay to ``min_lr``
+(Loshchilov & Hutter 2017)."""
 
 from __future__ import annotations
 
 import math
 
 import torch
-from torch import nn
 
 from scaletrain.config import TrainingConfig
-
-
-def build_optimizer(model: nn.Module, cfg: TrainingConfig) -> torch.optim.AdamW:
-    """Matrices are decayed; norm weights (1-D) are not."""
-    params = [p for p in model.parameters() if p.requires_grad]
-    groups = [
-        {"params": [p for p in params if p.ndim >= 2], "weight_decay": cfg.weight_decay},
-        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
-    ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(cfg.beta1, cfg.beta2), eps=1e-8, foreach=True)
 
 
 def lr_at(step: int, cfg: TrainingConfig) -> float:

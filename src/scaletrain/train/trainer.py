@@ -18,17 +18,18 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 from safetensors.torch import save_file
-from torch.nn.parallel import DistributedDataParallel
+from torch.distributed.tensor import DTensor
+from torch.distributed.tensor.parallel import loss_parallel
 
-from scaletrain.config import Config
+from scaletrain.config import Config, pipeline_microbatches
 from scaletrain.data import DistributedBatchSampler, SequenceDataset, TokenCorpus, prepare_corpus
 from scaletrain.errors import UserError
 from scaletrain.model import Llama, cross_entropy_loss, generate, param_count, train_flops_per_token
-from scaletrain.parallel import ParallelDims, parallelize, unwrap
+from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
 from scaletrain.parallel.runtime import Runtime
 from scaletrain.train.display import ProgressDisplay, print_summary
 from scaletrain.train.metrics import MetricsWriter, device_peak_flops, mem_peak_bytes
-from scaletrain.train.optim import build_optimizer, build_scheduler
+from scaletrain.train.optim import build_scheduler
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 VOCAB_MULTIPLE = 64
@@ -62,22 +63,17 @@ def check_data(cfg: Config, corpus: TokenCorpus) -> SequenceDataset:
     return dataset
 
 
-def full_state_dict(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    """Full (unsharded) fp32 parameters by name; a tied head is stored once."""
-    plain = unwrap(model)
-    state = {k: v.detach().cpu().contiguous() for k, v in plain.state_dict().items()}
-    if plain.cfg.tie_embeddings:
-        state.pop("lm_head.weight", None)
-    return state
-
-
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime, show_progress: bool = True):
         self.runtime, self.run_dir = runtime, run_dir
         self.dims = ParallelDims.from_config(cfg.parallel, runtime.world_size)
         self.accum = grad_accum_steps(cfg, self.dims)
+        self.pp_microbatches = pipeline_microbatches(cfg) if self.dims.pp > 1 else 1
         self.mesh = self.dims.build_mesh(runtime.device.type)
-        dp_rank = self.mesh["dp_replicate"].get_local_rank() if self.dims.dp_replicate > 1 else 0
+        dp_rank = 0
+        if self.mesh is not None:  # row-major rank in the (dp_replicate, dp_shard) grid
+            dp_rank = (self.mesh["dp_replicate"].get_local_rank() * self.dims.dp_shard
+                       + self.mesh["dp_shard"].get_local_rank())
 
         # One process per node tokenizes; the others wait and then open the cache.
         if runtime.local_rank == 0:
@@ -93,11 +89,13 @@ class Trainer:
         self.sampler = DistributedBatchSampler(self.dataset.n_sequences, cfg.training.global_batch_size,
                                                dp_rank, self.dims.dp_size, cfg.training.seed)
 
+        # Every rank initializes the whole model from the seed (so every layout
+        # starts from the same weights), then keeps its stages and shards.
         model = Llama(cfg.model)
         model.init_weights(cfg.training.seed)
         model.to(runtime.device)
-        self.model = parallelize(model, self.dims, self.mesh, cfg, runtime.device)
-        self.optimizer = build_optimizer(self.model, cfg.training)
+        self.model: ParallelModel = parallelize(model, self.dims, self.mesh, cfg, runtime.device, self._loss_fn)
+        self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg.training)
         self.autocast_dtype = AUTOCAST_DTYPES.get(cfg.training.dtype)
         self.scaler = torch.amp.GradScaler(runtime.device.type) if cfg.training.dtype == "fp16" else None
@@ -105,6 +103,16 @@ class Trainer:
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(runtime.device, cfg.training.dtype)
+
+    def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Mean loss of one micro-step (or pipeline microbatch), pre-divided by
+        how many of them make up the step, so gradients simply add up."""
+        return cross_entropy_loss(logits, targets) / (self.accum * self.pp_microbatches)
+
+    def _loss_context(self):
+        """Vocab-sharded logits (tensor parallel) need the parallel loss, in
+        forward and in backward."""
+        return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
 
     def _autocast(self):
         if self.autocast_dtype is None:
@@ -121,19 +129,22 @@ class Trainer:
         for micro in range(self.accum):
             inputs, targets = self.dataset.batch(indices[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size])
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            # Gradients are all-reduced once, on the last micro-step.
-            last = micro == self.accum - 1
-            sync = contextlib.nullcontext() if last or not isinstance(self.model, DistributedDataParallel) \
-                else self.model.no_sync()
-            with sync:
-                with self._autocast():
-                    loss = cross_entropy_loss(self.model(inputs), targets) / self.accum
-                (self.scaler.scale(loss) if self.scaler else loss).backward()
-            loss_sum += loss.detach()
+            with self._loss_context(), self._autocast():
+                if self.model.pipeline is not None:
+                    losses = self.model.pipeline.step(inputs, targets)
+                    if losses:  # the rank holding the last stage
+                        loss_sum += _local(torch.stack([_local(l.detach()) for l in losses]).sum())
+                    continue
+                # Gradients are reduced once, on the last micro-step.
+                with self.model.gradient_sync(micro == self.accum - 1):
+                    loss = self._loss_fn(self.model(inputs), targets)
+                    (self.scaler.scale(loss) if self.scaler else loss).backward()
+            loss_sum += _local(loss.detach())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        max_norm = t.grad_clip if t.grad_clip > 0 else float("inf")
-        grad_norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), max_norm, foreach=True)
+        if self.step == 0:
+            self.memory = self._state_bytes(count_grads=True)
+        grad_norm = clip_grad_norm(self.model, t.grad_clip if t.grad_clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -141,12 +152,10 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
+        if self.step == 0:
+            self.memory.update(self._state_bytes(count_grads=False))
         self.optimizer.zero_grad(set_to_none=True)
-        if self.runtime.distributed and self.dims.dp_size > 1:
-            # gloo has no AVG: sum the per-rank means, divide by the rank count.
-            dist.all_reduce(loss_sum)
-            loss_sum /= self.dims.dp_size
-        loss_value = loss_sum.item()  # synchronizes the device, so the step time below is real
+        loss_value = self._global_loss(loss_sum)  # synchronizes, so the step time below is real
         step_time = time.perf_counter() - start
         self.step += 1
         flops_per_s = self.flops_per_token * self.tokens_per_step / step_time
@@ -162,6 +171,26 @@ class Trainer:
             "flops_per_s_per_device": flops_per_s / self.runtime.world_size,
             "mfu": flops_per_s / self.runtime.world_size / self.peak_flops if self.peak_flops else None,
         }
+
+    def _global_loss(self, loss_sum: torch.Tensor) -> float:
+        """Mean over the global batch: the last pipeline stage holds it; the
+        data-parallel ranks each hold the mean of their slice (gloo has no AVG)."""
+        if (group := self.model.group("pp")) is not None:
+            dist.all_reduce(loss_sum, group=group)
+        for name in ("dp_replicate", "dp_shard"):
+            if (group := self.model.group(name)) is not None:
+                dist.all_reduce(loss_sum, group=group)
+        return loss_sum.item() / self.dims.dp_size
+
+    def _state_bytes(self, count_grads: bool) -> dict:
+        """Bytes of this rank's local parameters, gradients or optimizer states,
+        counted from the tensors themselves (a DTensor counts its local shard)."""
+        if count_grads:
+            return {"grads_bytes": sum(_nbytes(p.grad) for p in self.model.parameters() if p.grad is not None)}
+        optimizer = getattr(self.optimizer, "optim", self.optimizer)  # ZeRO-1 wraps the local AdamW
+        states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
+        return {"params_bytes": sum(_nbytes(p) for p in self.model.parameters()),
+                "optimizer_bytes": sum(_nbytes(v) for v in states)}
 
     def fit(self, show_progress: bool = True) -> dict:
         cfg, main = self.cfg, self.runtime.is_main
@@ -181,8 +210,13 @@ class Trainer:
             writer.close()
         elapsed = time.perf_counter() - start
         summary = self._summary(records, elapsed)
+        state = self.model.full_state_dict()  # a collective: every rank takes part
+        memory = [None] * self.runtime.world_size if self.runtime.distributed else None
+        if memory is not None:
+            dist.all_gather_object(memory, {"rank": self.runtime.rank, **self.memory})
+        summary["state_bytes_by_rank"] = memory or [{"rank": 0, **self.memory}]
         if main:
-            self._write_outputs(summary)
+            self._write_outputs(summary, state)
         return summary
 
     def _summary(self, records: list[dict], elapsed: float) -> dict:
@@ -197,7 +231,7 @@ class Trainer:
             "run_dir": str(self.run_dir),
             "model": cfg.model.name,
             "params": param_count(cfg.model),
-            "layout": {name: getattr(self.dims, name) for name in ("dp_replicate", "dp_shard", "tp", "pp")},
+            "layout": {**self.dims.degrees(), "zero_stage": self.cfg.parallel.zero_stage},
             "world_size": self.runtime.world_size,
             "device": self.runtime.device.type,
             "grad_accum_steps": self.accum,
@@ -214,24 +248,34 @@ class Trainer:
             "mem_peak_source": "cuda_allocator" if self.runtime.device.type == "cuda" else "process_rss",
         }
 
-    def sample_text(self, n_samples: int = 3, prompt_tokens: int = 24) -> list[str]:
-        """Continue the openings of a few corpus sequences with the trained model."""
+    def sample_text(self, state: dict[str, torch.Tensor], n_samples: int = 3, prompt_tokens: int = 24) -> list[str]:
+        """Continue the openings of a few corpus sequences with the trained
+        weights, loaded into a plain single-device model."""
         n_new = self.cfg.logging.sample_tokens
         if n_new == 0:
             return []
-        model = unwrap(self.model)
-        model.eval()
+        model = Llama(self.cfg.model)
+        missing, unexpected = model.load_state_dict(state, strict=False)
+        assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
+        model.to(self.runtime.device).eval()
         step = max(1, self.dataset.n_sequences // n_samples)
         prompts = torch.stack([self.dataset.batch([i * step])[0][0, :prompt_tokens] for i in range(n_samples)])
         out = generate(model, prompts.to(self.runtime.device), n_new, seed=self.cfg.training.seed,
                        max_seq_len=self.cfg.data.seq_len)
-        model.train()
-        tokenizer = self.corpus.tokenizer
-        return [tokenizer.decode(row.tolist()) for row in out.cpu()]
+        return [self.corpus.tokenizer.decode(row.tolist()) for row in out.cpu()]
 
-    def _write_outputs(self, summary: dict) -> None:
-        summary["samples"] = self.sample_text()
+    def _write_outputs(self, summary: dict, state: dict[str, torch.Tensor]) -> None:
+        summary["samples"] = self.sample_text(state)
         tmp = self.run_dir / "model.safetensors.tmp"
-        save_file(full_state_dict(self.model), str(tmp), metadata={"step": str(self.step)})
+        save_file(state, str(tmp), metadata={"step": str(self.step)})
         os.replace(tmp, self.run_dir / "model.safetensors")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
+def _nbytes(t: torch.Tensor) -> int:
+    local = t.to_local() if isinstance(t, DTensor) else t
+    return local.numel() * local.element_size()
