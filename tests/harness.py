@@ -67,6 +67,25 @@ def train_run(run_dir: Path, config: Path, overrides: list[str], nproc: int = 1,
     return read_run(run_dir)
 
 
+def train_many(workdir: Path, config: Path, cases: dict[str, list[str]], nproc: int,
+               timeout: float = DEFAULT_TIMEOUT_S) -> dict[str, RunResult]:
+    """Train every case (name -> overrides) as ``nproc`` workers of ONE
+    torchrun launch; returns each case's run."""
+    spec = [{"config": str(config), "overrides": overrides, "run_dir": str(workdir / name)}
+            for name, overrides in cases.items()]
+    spec_path = workdir / "cases.json"
+    workdir.mkdir(parents=True, exist_ok=True)
+    spec_path.write_text(json.dumps(spec))
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+           str(REPO / "tests" / "parity_worker.py"), str(spec_path)]
+    try:
+        proc = subprocess.run(cmd, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired as exc:
+        raise AssertionError(f"timed out after {timeout}s (deadlock?): {' '.join(cmd)}\n{exc.stderr}") from None
+    assert proc.returncode == 0, f"exit {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr[-20000:]}"
+    return {name: read_run(workdir / name) for name in cases}
+
+
 def assert_parity(reference: RunResult, other: RunResult, rtol: float = 1e-5, atol: float = 1e-6,
                   param_atol: float = 1e-5) -> None:
     """Same per-step losses and same final parameters within fp32 tolerance."""

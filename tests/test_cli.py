@@ -103,3 +103,26 @@ def test_train_writes_the_contract_files(tmp_path, debug_config):
     assert 'vocab_size = 320' in (run / "config.toml").read_text()  # resolved from the byte tokenizer
     again = run_cli(["train", "--config", str(debug_config), "--run-dir", str(run)], timeout=60)
     assert again.returncode == 2 and "already holds a run" in again.stderr
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--nproc", "4", "--set", "parallel.tp=3"], "parallel.tp = 3 must divide model.n_heads = 8"),
+    (["--nproc", "4", "--set", "parallel.tp=2", "--set", "parallel.pp=3"], "does not divide the world size 4"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "model.n_layers=1"], "exceeds model.n_layers = 1"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.pp_schedule=interleaved_1f1b",
+      "--set", "model.n_layers=3"], "parallel.pp x virtual stages = 2 x 2 = 4 exceeds model.n_layers = 3"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.pp_schedule=interleaved_1f1b",
+      "--set", "parallel.pp_microbatches=5", "--set", "training.micro_batch_size=10",
+      "--set", "training.global_batch_size=20"], "multiple of its rounds"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "parallel.pp_schedule=1f1b",
+      "--set", "parallel.pp_microbatches=1"], "needs pp_microbatches >= pp"),
+    (["--set", "parallel.zero_stage=5"], "parallel.zero_stage = 5 is not allowed; allowed: 0, 1, 2, 3"),
+    (["--nproc", "2", "--set", "parallel.zero_stage=1", "--set", "parallel.tp=2"], "zero_stage = 1 with parallel.tp"),
+    (["--nproc", "2", "--set", "parallel.dp_shard=2"], "needs parallel.zero_stage 1-3"),
+    (["--nproc", "2", "--set", "parallel.zero_stage=3", "--set", "parallel.cpu_offload=true"], "needs CUDA"),
+    (["--nproc", "2", "--set", "parallel.pp=2", "--set", "model.tie_embeddings=true"], "tie_embeddings"),
+])
+def test_bad_layouts_fail_before_any_worker_starts(capsys, workdir, args, needle):
+    code, _, err = run_main(capsys, ["train", "--set", f"data.cache_dir={workdir / 'cache'}", *args])
+    assert_one_line_error(code, err, needle)
+    assert not (workdir / "runs").exists()

@@ -282,11 +282,17 @@ def validate(cfg: Config) -> None:
     if m.n_heads % p.tp or m.n_kv_heads % p.tp:
         raise UserError(f"parallel.tp = {p.tp} must divide model.n_heads = {m.n_heads} and "
                         f"model.n_kv_heads = {m.n_kv_heads}")
+    if m.ffn_dim % p.tp:
+        raise UserError(f"parallel.tp = {p.tp} must divide model.ffn_dim = {m.ffn_dim} (the MLP is split "
+                        "column-wise, then row-wise)")
     if p.sequence_parallel and p.tp == 1:
         raise UserError("parallel.sequence_parallel = true needs parallel.tp > 1")
-    if p.zero_stage == 1 and p.tp > 1:
-        raise UserError("parallel.zero_stage = 1 with parallel.tp > 1 is not supported (ZeroRedundancyOptimizer "
-                        "takes no DTensor parameters); use zero_stage 0, 2 or 3")
+    if p.sequence_parallel and d.seq_len % p.tp:
+        raise UserError(f"parallel.sequence_parallel = true needs parallel.tp = {p.tp} to divide "
+                        f"data.seq_len = {d.seq_len}")
+    if p.zero_stage == 1 and (p.tp > 1 or p.pp > 1):
+        raise UserError("parallel.zero_stage = 1 with parallel.tp or parallel.pp > 1 is not supported "
+                        "(ZeroRedundancyOptimizer needs DDP and plain tensors); use zero_stage 0, 2 or 3")
     if p.cpu_offload and p.zero_stage != 3:
         raise UserError(f"parallel.cpu_offload = true needs parallel.zero_stage = 3 (is {p.zero_stage})")
     if p.pp > 1:

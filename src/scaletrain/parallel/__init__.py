@@ -109,12 +109,14 @@ def _parallelize_part(part: nn.Module, dims: ParallelDims, mesh, cfg: Config, de
             part.layers[key] = torch.compile(block)
     if dims.dp_size == 1:
         return part
-    stage = cfg.parallel.zero_stage
-    if stage == 0 and dims.tp == 1:
+    stage, plain = cfg.parallel.zero_stage, dims.tp == 1 and dims.pp == 1
+    if stage == 0 and plain:
         return apply_ddp(part, mesh["dp_replicate"], cfg, device)
     if stage == 1:
         return apply_ddp(part, mesh["dp_shard"], cfg, device)
-    # Stage 0 with TP: FSDP2 over (dp_replicate, dp_shard = 1) is pure replication.
+    # Stage 0 with TP or PP: FSDP2 over (dp_replicate, dp_shard = 1) is pure
+    # replication (all-reduce) that, unlike DDP, takes TP's DTensor parameters
+    # and the pipeline's several backward passes per step.
     dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
     return apply_fsdp(part, dp_mesh, cfg, device)
 

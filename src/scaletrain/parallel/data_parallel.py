@@ -8,9 +8,10 @@
 | 3 | FSDP2, reshard_after_forward=True | + parameters / dp_shard |
 
 HSDP is stage 2/3 on the 2-D (dp_replicate, dp_shard) mesh: sharded within a
-group, replicated (all-reduced) across groups. With tensor parallelism,
-stage 0 is FSDP2 on (dp_replicate, dp_shard = 1): pure replication that,
-unlike DDP, takes the DTensor parameters TP creates.
+group, replicated (all-reduced) across groups. With tensor or pipeline
+parallelism, stage 0 is FSDP2 on (dp_replicate, dp_shard = 1): pure
+replication that, unlike DDP, takes the DTensor parameters TP creates and the
+several backward passes per step a pipeline schedule runs.
 """
 
 from __future__ import annotations
@@ -55,12 +56,8 @@ def apply_fsdp(model: nn.Module, dp_mesh, cfg: Config, device: torch.device) -> 
     and optimizer states stay fp32."""
     p = cfg.parallel
     mp = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[cfg.training.dtype], reduce_dtype=torch.float32)
-    offload: OffloadPolicy = OffloadPolicy()
-    if p.cpu_offload:
-        if device.type != "cuda":
-            raise UserError("parallel.cpu_offload = true needs CUDA devices: FSDP2's CPUOffloadPolicy moves "
-                            "parameters between CPU and GPU, and this run is on CPU")
-        offload = CPUOffloadPolicy()
+    check_offload(cfg, device.type)
+    offload = CPUOffloadPolicy() if p.cpu_offload else OffloadPolicy()
     reshard = p.zero_stage == 3
     for block in model.layers.values():
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
@@ -68,6 +65,12 @@ def apply_fsdp(model: nn.Module, dp_mesh, cfg: Config, device: torch.device) -> 
     # keeping them unsharded after forward saves an all-gather.
     fully_shard(model, mesh=dp_mesh, reshard_after_forward=False, mp_policy=mp, offload_policy=offload)
     return model
+
+
+def check_offload(cfg: Config, device_type: str) -> None:
+    if cfg.parallel.cpu_offload and device_type != "cuda":
+        raise UserError("parallel.cpu_offload = true needs CUDA devices: FSDP2's CPUOffloadPolicy moves "
+                        "parameters and optimizer states between CPU and GPU, and this run is on CPU")
 
 
 def build_zero1_optimizer(params, dp_mesh, defaults: dict) -> torch.optim.Optimizer:

@@ -52,7 +52,10 @@ def print_summary(summary: dict) -> None:
     table = Table.grid(padding=(0, 2))
     table.add_column(style="bold")
     table.add_column()
-    layout = " x ".join(f"{name} {deg}" for name, deg in summary["layout"].items() if deg > 1) or "single process"
+    degrees = {k: v for k, v in summary["layout"].items() if k != "zero_stage" and v > 1}
+    layout = " x ".join(f"{name} {deg}" for name, deg in degrees.items()) or "single process"
+    if summary["layout"]["zero_stage"]:
+        layout += f", ZeRO-{summary['layout']['zero_stage']}"
     table.add_row("model", f"{summary['model']} ({_si(summary['params'])} parameters)")
     table.add_row("layout", f"{layout} on {summary['world_size']} x {summary['device']}")
     table.add_row("steps", f"{summary['steps']} ({_si(summary['tokens'])} tokens)")

@@ -16,12 +16,14 @@ import time
 import traceback
 from pathlib import Path
 
+import torch
 import torch.distributed as dist
 
 from scaletrain.config import Config, load_config
 from scaletrain.data import prepare_corpus
 from scaletrain.errors import UserError
 from scaletrain.parallel import ParallelDims
+from scaletrain.parallel.data_parallel import check_offload
 from scaletrain.parallel.runtime import init_runtime, shutdown, under_launcher
 from scaletrain.train.trainer import Trainer, check_data, grad_accum_steps, resolve_vocab
 
@@ -35,6 +37,7 @@ def prepare_run(cfg: Config, world_size: int, run_dir: Path | None) -> tuple[Con
     cache if needed), then create the run directory with the resolved config."""
     dims = ParallelDims.from_config(cfg.parallel, world_size)
     grad_accum_steps(cfg, dims)
+    check_offload(cfg, "cuda" if torch.cuda.is_available() else "cpu")
     corpus = prepare_corpus(cfg.data)
     cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
     check_data(cfg, corpus)
