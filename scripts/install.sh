@@ -2,6 +2,7 @@
 # Install scaletrain (editable) into the current Python environment.
 #   bash scripts/install.sh          # the package
 #   bash scripts/install.sh --test   # + test dependencies (pytest, transformers)
+#   bash scripts/install.sh --bench  # + benchmark dependencies (DeepSpeed, for the ZeRO comparison)
 # Without an NVIDIA GPU, torch is pinned to the CPU build 2.13.0: an unpinned
 # `torch` requirement would pull a multi-GB CUDA build onto a CPU machine.
 set -euo pipefail
@@ -11,7 +12,8 @@ extras=()
 for arg in "$@"; do
   case "$arg" in
     --test) extras+=(test) ;;
-    *) echo "error: unknown option $arg (allowed: --test)" >&2; exit 2 ;;
+    --bench) extras+=(bench) ;;
+    *) echo "error: unknown option $arg (allowed: --test, --bench)" >&2; exit 2 ;;
   esac
 done
 spec="."

@@ -50,7 +50,9 @@ def test_command_surface_is_frozen():
     (lambda d: ["--set", "training.steps=many"], "expected an integer"),
     (lambda d: ["--config", str(d / "broken.toml")], "malformed TOML"),
     (lambda d: ["--nproc", "0"], "--nproc = 0"),
-    (lambda d: ["--set", "parallel.dp_replicate=3", "--nproc", "2"], "= 3 x 1 x 1 x 1 = 3, but the world size is 2"),
+    (lambda d: ["--set", "parallel.dp_replicate=3", "--nproc", "2"], "product 3 that does not divide the world size 2"),
+    (lambda d: ["--set", "parallel.dp_replicate=3", "--set", "parallel.dp_shard=1", "--nproc", "2"],
+     "= 3 x 1 x 1 x 1 = 3, but the world size is 2"),
     (lambda d: ["--set", "data.tokenizer=" + str(d / "nope.json")], "data.tokenizer"),
     (lambda d: ["--bogus"], "No such option"),
 ])

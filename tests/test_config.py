@@ -14,7 +14,8 @@ PUBLIC_KEYS = {
     "training": ["steps", "global_batch_size", "micro_batch_size", "lr", "warmup_steps", "min_lr",
                  "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype", "activation_checkpointing",
                  "compile"],
-    "parallel": ["dp_replicate", "dp_shard", "tp", "pp", "zero_stage", "ddp_bucket_cap_mb"],
+    "parallel": ["dp_replicate", "dp_shard", "tp", "pp", "zero_stage", "sequence_parallel", "pp_schedule",
+                 "pp_microbatches", "pp_virtual_stages", "cpu_offload", "ddp_bucket_cap_mb"],
     "logging": ["interval", "sample_tokens"],
 }
 
@@ -67,7 +68,12 @@ def test_overrides_are_typed_by_field(item, expected):
     (["training.global_batch_size=10", "training.micro_batch_size=4"], "not divisible by training.micro_batch_size"),
     (["model.n_kv_heads=3"], "model.n_kv_heads = 3 must divide model.n_heads = 8"),
     (["training.steps=0"], "training.steps = 0 must be >= 1"),
-    (["parallel.tp=2"], "tensor and pipeline parallelism are not available"),
+    (["parallel.tp=3"], "parallel.tp = 3 must divide model.n_heads = 8"),
+    (["parallel.sequence_parallel=true"], "needs parallel.tp > 1"),
+    (["training.dtype=fp16", "parallel.zero_stage=3"], "fp16 is supported with plain data parallelism only"),
+    (["parallel.pp=2", "parallel.pp_schedule=gpipe", "parallel.pp_virtual_stages=2"], "runs one stage per rank"),
+    (["parallel.pp=2", "parallel.pp_schedule=zbv", "parallel.pp_virtual_stages=3", "model.n_layers=6"],
+     "exactly 2 virtual stages"),
     (["parallel.zero_stage=4"], "parallel.zero_stage = 4 is not allowed"),
 ])
 def test_bad_values_name_the_key(overrides, message):

@@ -293,6 +293,10 @@ def validate(cfg: Config) -> None:
     if p.zero_stage == 1 and (p.tp > 1 or p.pp > 1):
         raise UserError("parallel.zero_stage = 1 with parallel.tp or parallel.pp > 1 is not supported "
                         "(ZeroRedundancyOptimizer needs DDP and plain tensors); use zero_stage 0, 2 or 3")
+    if t.dtype == "fp16" and (p.zero_stage >= 2 or p.tp > 1 or p.pp > 1):
+        raise UserError("training.dtype = fp16 is supported with plain data parallelism only (its loss "
+                        "scaler must see whole gradients and the whole loss); use bf16 with "
+                        "zero_stage 2/3, tp or pp")
     if p.cpu_offload and p.zero_stage != 3:
         raise UserError(f"parallel.cpu_offload = true needs parallel.zero_stage = 3 (is {p.zero_stage})")
     if p.pp > 1:

@@ -59,7 +59,14 @@ def apply_fsdp(model: nn.Module, dp_mesh, cfg: Config, device: torch.device) -> 
     check_offload(cfg, device.type)
     offload = CPUOffloadPolicy() if p.cpu_offload else OffloadPolicy()
     reshard = p.zero_stage == 3
-    for block in model.layers.values():
+    # Stage 2 keeps parameters whole from forward to backward anyway, so on
+    # CPU (gloo: no compute/communication overlap to win, latency per
+    # collective to lose) the whole model is one unit: one all-gather and one
+    # reduce-scatter per step. On CUDA, and always for stage 3, each block is
+    # its own unit so communication overlaps compute and stage 3 holds one
+    # block's full parameters at a time.
+    per_block = reshard or device.type == "cuda"
+    for block in model.layers.values() if per_block else ():
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
     # The root's parameters are used last in forward, first in backward:
     # keeping them unsharded after forward saves an all-gather.
@@ -78,5 +85,6 @@ def build_zero1_optimizer(params, dp_mesh, defaults: dict) -> torch.optim.Optimi
     parameters, steps it, and broadcasts the updated parameters."""
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
-    return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW,
-                                   process_group=dp_mesh.get_group(), **defaults)
+    # parameters_as_bucket_view: one broadcast per rank's partition, not one per parameter.
+    return ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=dp_mesh.get_group(),
+                                   parameters_as_bucket_view=True, **defaults)
