@@ -49,7 +49,7 @@ LAYOUTS = {
 def base_overrides(model: str, steps: int) -> list[str]:
     return [f"model.name={model}", f"data.seq_len={SEQ_LEN}", f"training.steps={steps}",
             f"training.global_batch_size={GLOBAL_BATCH}",
-            "logging.sample_tokens=0", "training.warmup_steps=2"]
+            "logging.sample_tokens=0", "training.warmup_steps=2", "checkpoint.enable=false"]
 
 
 def stage_compute_time(trainer, reps: int = 5) -> float:

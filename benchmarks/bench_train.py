@@ -61,7 +61,8 @@ def handwritten_loop(cfg: Config, dataset: SequenceDataset, steps: int, rank: in
 
 def scaletrain_loop(cfg: Config, steps: int, runtime) -> float:
     """The real trainer, metrics file and progress logic included."""
-    cfg = load_config(None, _as_overrides(cfg) + [f"training.steps={steps}", "logging.sample_tokens=0"])
+    cfg = load_config(None, _as_overrides(cfg) + [f"training.steps={steps}", "logging.sample_tokens=0",
+                                                  "checkpoint.enable=false"])
     with tempfile.TemporaryDirectory() as tmp:
         run_dir = Path(tmp) / "run"
         run_dir.mkdir()

@@ -15,6 +15,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True,
                   help="Train transformer language models from one process to a cluster.")
 config_app = typer.Typer(no_args_is_help=True, help="Inspect the configuration.")
 app.add_typer(config_app, name="config")
+checkpoint_app = typer.Typer(no_args_is_help=True, help="Inspect, export and import checkpoints.")
+app.add_typer(checkpoint_app, name="checkpoint")
 
 ConfigOpt = typer.Option(None, "--config", "-c", help="TOML config file (e.g. configs/tiny.toml).")
 SetOpt = typer.Option([], "--set", "-s", help="Override one key: section.key=value (repeatable).")
@@ -26,11 +28,14 @@ def train(
     set_: List[str] = SetOpt,
     nproc: int = typer.Option(1, "--nproc", "-n", help="Local worker processes (started with torchrun)."),
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<timestamp>)."),
+    max_restarts: int = typer.Option(0, "--max-restarts", help="Restart the workers up to K times when one "
+                                      "dies (torchrun's elastic agent); each restart resumes from the newest "
+                                      "checkpoint."),
 ) -> None:
     """Train a model. Under an external torchrun, joins the existing process group."""
     from scaletrain.train import train as run_train
 
-    raise typer.Exit(run_train(config, set_, nproc, run_dir))
+    raise typer.Exit(run_train(config, set_, nproc, run_dir, max_restarts))
 
 
 @config_app.command("show")
@@ -47,6 +52,52 @@ def config_keys() -> None:
     from scaletrain.config import config_help
 
     print(config_help())
+
+
+@checkpoint_app.command("inspect")
+def checkpoint_inspect(path: Path, as_json: bool = typer.Option(False, "--json", help="Machine-readable.")) -> None:
+    """Step, layout, tensors, sizes and validity of a checkpoint directory."""
+    import json
+
+    from scaletrain.checkpoint import describe
+
+    if not path.is_dir():
+        raise UserError(f"{path} is not a directory")
+    info = describe(path)
+    if as_json:
+        print(json.dumps(info, indent=1))
+    else:
+        print(f"{info['path']}: {'valid' if info['valid'] else 'INVALID: ' + str(info['problem'])}")
+        if "step" in info:
+            print(f"step {info['step']}, layout {info['layout']}, zero_stage {info['zero_stage']}, "
+                  f"{info['files']} files, {info['bytes'] / 2**20:.2f} MiB")
+        for key, shape in info.get("tensors", {}).items():
+            print(f"  {key} {tuple(shape)}")
+    raise typer.Exit(0 if info["valid"] else 1)
+
+
+@checkpoint_app.command("export")
+def checkpoint_export(path: Path, to: str = typer.Option("hf", "--to", help="Target format: hf."),
+                      out: Path = typer.Argument(..., help="Output folder.")) -> None:
+    """Write a checkpoint's weights as a HF Transformers LlamaForCausalLM folder."""
+    from scaletrain.checkpoint.hf import export_hf
+
+    if to != "hf":
+        raise UserError(f"--to {to!r}; allowed: hf")
+    print(f"wrote {export_hf(path, out)}")
+
+
+@checkpoint_app.command("import")
+def checkpoint_import(hf_dir: Path, out: Path, config: Optional[str] = ConfigOpt,
+                      set_: List[str] = SetOpt) -> None:
+    """Turn a HF Llama folder into a scaletrain checkpoint to fine-tune from
+    (then: scaletrain train --config OUT/config.toml --set checkpoint.init_from=OUT)."""
+    from scaletrain.checkpoint.hf import import_hf
+    from scaletrain.config import load_config
+
+    done = import_hf(hf_dir, out, load_config(config, set_))
+    print(f"wrote {done}; train from it with: scaletrain train --config {done}/config.toml "
+          f"--set checkpoint.init_from={done}")
 
 
 def main(argv: list[str] | None = None) -> None:

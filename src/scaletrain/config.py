@@ -116,6 +116,27 @@ class ParallelConfig:
 
 
 @dataclass
+class CheckpointConfig:
+    enable: bool = _f(True, "write checkpoints (and resume from them)")
+    dir: str = _f("", "where checkpoints go; empty = <run dir>/checkpoints")
+    interval: int = _f(0, "save every N steps (0 = only at the end and on SIGTERM/SIGINT)", minimum=0)
+    keep_last: int = _f(3, "keep the newest N complete checkpoints (0 = keep all)", minimum=0)
+    async_save: bool = _f(False, "write in the background; only the copy to CPU memory blocks training")
+    resume: str = _f("auto", "'auto' = the newest valid checkpoint in checkpoint.dir if any, 'none', or a "
+                             "checkpoint directory")
+    init_from: str = _f("", "start from these weights (a scaletrain checkpoint or an imported HF model), "
+                            "with a fresh optimizer and step 0")
+    on_error: str = _f("stop", "when a save fails: 'stop' training (exit 1) or 'continue' without it",
+                       ("stop", "continue"))
+
+
+@dataclass
+class DebugConfig:
+    stop_at_step: int = _f(0, "fault injection: after this step, act as if SIGTERM arrived (save, exit 0)",
+                           minimum=0)
+
+
+@dataclass
 class LoggingConfig:
     interval: int = _f(1, "log metrics every N steps", minimum=1)
     sample_tokens: int = _f(160, "tokens of text to sample from the trained model at the end; 0 = none", minimum=0)
@@ -127,10 +148,14 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     training: TrainingConfig = field(default_factory=TrainingConfig)
     parallel: ParallelConfig = field(default_factory=ParallelConfig)
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    debug: DebugConfig = field(default_factory=DebugConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
-        return dataclasses.asdict(self)
+        """Sections of {config key: value}, as written in TOML."""
+        return {section: {_KEY_FOR_FIELD.get(k, k): v for k, v in values.items()}
+                for section, values in dataclasses.asdict(self).items()}
 
     def to_toml(self) -> str:
         lines = []
@@ -139,6 +164,11 @@ class Config:
             lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
             lines.append("")
         return "\n".join(lines)
+
+
+# Config keys that are Python keywords live under another field name.
+_FIELD_FOR_KEY = {"async": "async_save"}
+_KEY_FOR_FIELD = {v: k for k, v in _FIELD_FOR_KEY.items()}
 
 
 def _toml_value(value: Any) -> str:
@@ -164,7 +194,7 @@ def _field(section: str, key: str) -> dataclasses.Field:
     if section not in sections:
         raise UserError(f"unknown config section '{section}'{_did_you_mean(section, sections)}; "
                         f"sections: {', '.join(sections)}")
-    by_name = {f.name: f for f in fields(sections[section])}
+    by_name = {_KEY_FOR_FIELD.get(f.name, f.name): f for f in fields(sections[section])}
     if key not in by_name:
         dotted = [f"{section}.{k}" for k in by_name]
         raise UserError(f"unknown config key '{section}.{key}'{_did_you_mean(f'{section}.{key}', dotted)}")
@@ -244,7 +274,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
                         f"allowed: {', '.join(MODEL_PRESETS)}")
     raw["model"] = {**MODEL_PRESETS[name], **model_raw, "name": name}
 
-    cfg = Config(**{section: cls(**raw.get(section, {})) for section, cls in _sections().items()})
+    cfg = Config(**{section: cls(**{_FIELD_FOR_KEY.get(k, k): v for k, v in raw.get(section, {}).items()})
+                    for section, cls in _sections().items()})
     validate(cfg)
     return cfg
 
@@ -256,11 +287,12 @@ def validate(cfg: Config) -> None:
         for f in fields(cls):
             value = getattr(obj, f.name)
             choices, minimum = f.metadata["choices"], f.metadata["min"]
+            name = _KEY_FOR_FIELD.get(f.name, f.name)
             if choices is not None and value not in choices:
-                raise UserError(f"{section}.{f.name} = {value!r} is not allowed; allowed: "
+                raise UserError(f"{section}.{name} = {value!r} is not allowed; allowed: "
                                 f"{', '.join(map(str, choices))}{_did_you_mean(str(value), map(str, choices))}")
             if minimum is not None and value < minimum:
-                raise UserError(f"{section}.{f.name} = {value!r} must be >= {minimum}")
+                raise UserError(f"{section}.{name} = {value!r} must be >= {minimum}")
     m, d, t, p = cfg.model, cfg.data, cfg.training, cfg.parallel
     if m.dim % m.n_heads:
         raise UserError(f"model.n_heads = {m.n_heads} must divide model.dim = {m.dim}")
@@ -352,5 +384,6 @@ def config_help() -> str:
         for f in fields(cls):
             choices = f.metadata["choices"]
             allowed = f" [{', '.join(map(str, choices))}]" if choices else ""
-            lines.append(f"{section}.{f.name} ({f.type}, default {f.default!r}){allowed}: {f.metadata['help']}")
+            key = _KEY_FOR_FIELD.get(f.name, f.name)
+            lines.append(f"{section}.{key} ({f.type}, default {f.default!r}){allowed}: {f.metadata['help']}")
     return "\n".join(lines)

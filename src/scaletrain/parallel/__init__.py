@@ -26,10 +26,15 @@ from scaletrain.parallel.dims import ParallelDims
 from scaletrain.parallel.pipeline import Pipeline, build_pipeline, local_stage_ids, split_stage, stage_layer_ranges
 from scaletrain.parallel.tensor_parallel import apply_tensor_parallel
 
-__all__ = ["ParallelDims", "ParallelModel", "parallelize", "build_optimizer"]
+__all__ = ["ParallelDims", "ParallelModel", "parallelize", "build_optimizer", "clip_grad_norm", "canonical_name"]
 
 # Name components that wrappers add to parameter names (DDP, checkpoint_wrapper, torch.compile).
 _WRAPPER_NAMES = {"module", "_checkpoint_wrapped_module", "_orig_mod"}
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name in the plain single model, without wrapper components."""
+    return ".".join(piece for piece in name.split(".") if piece not in _WRAPPER_NAMES)
 
 
 @dataclass
@@ -69,7 +74,7 @@ class ParallelModel:
         state = {}
         for part in self.parts:
             for name, param in part.named_parameters():
-                name = ".".join(piece for piece in name.split(".") if piece not in _WRAPPER_NAMES)
+                name = canonical_name(name)
                 full = param.full_tensor() if isinstance(param, DTensor) else param
                 state[name] = full.detach().float().cpu().contiguous()
         pp_group = self.group("pp")

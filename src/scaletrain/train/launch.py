@@ -19,6 +19,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
+from scaletrain.checkpoint import find_resume_dir
 from scaletrain.config import Config, load_config
 from scaletrain.data import prepare_corpus
 from scaletrain.errors import UserError
@@ -42,36 +43,40 @@ def prepare_run(cfg: Config, world_size: int, run_dir: Path | None) -> tuple[Con
     cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
     check_data(cfg, corpus)
     run_dir = run_dir or default_run_dir()
-    if (run_dir / "metrics.jsonl").exists():
-        raise UserError(f"--run-dir {run_dir} already holds a run (metrics.jsonl); choose another directory")
+    if (run_dir / "metrics.jsonl").exists() and find_resume_dir(cfg, run_dir) is None:
+        raise UserError(f"--run-dir {run_dir} already holds a run (metrics.jsonl) and no checkpoint to resume "
+                        "from; choose another directory")
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(cfg.to_toml())
     return cfg, run_dir
 
 
-def train(config_path: str | None, overrides: list[str], nproc: int, run_dir: Path | None) -> int:
+def train(config_path: str | None, overrides: list[str], nproc: int, run_dir: Path | None,
+          max_restarts: int = 0) -> int:
     """``scaletrain train``: returns the process exit code."""
     if under_launcher():
-        if nproc != 1:
-            raise UserError("--nproc cannot be used under torchrun; torchrun already started the workers")
+        if nproc != 1 or max_restarts:
+            raise UserError("--nproc and --max-restarts cannot be used under torchrun; pass them to torchrun")
         return run_worker(load_config(config_path, overrides), run_dir)
     if nproc < 1:
         raise UserError(f"--nproc = {nproc}; allowed: 1 or more local worker processes")
+    if max_restarts < 0:
+        raise UserError(f"--max-restarts = {max_restarts}; allowed: 0 or more")
     cfg = load_config(config_path, overrides)
     cfg, run_dir = prepare_run(cfg, nproc, run_dir)
-    if nproc == 1:
+    if nproc == 1 and max_restarts == 0:
         return run_worker(cfg, run_dir, exit_hard=False)
-    return launch_workers(run_dir, nproc)
+    return launch_workers(run_dir, nproc, max_restarts)
 
 
-def launch_workers(run_dir: Path, nproc: int) -> int:
+def launch_workers(run_dir: Path, nproc: int, max_restarts: int = 0) -> int:
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
     cores = os.cpu_count() or 1
     os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
     args = get_args_parser().parse_args([
-        "--standalone", f"--nproc-per-node={nproc}", "--max-restarts=0",
+        "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
         "-m", "scaletrain", "train", "--config", str(run_dir / "config.toml"), "--run-dir", str(run_dir),
     ])
     try:

@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import json
 import os
+import signal
 import time
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
+from scaletrain.checkpoint import CheckpointManager, find_resume_dir
 from scaletrain.config import Config, pipeline_microbatches
 from scaletrain.data import DistributedBatchSampler, SequenceDataset, TokenCorpus, prepare_corpus
 from scaletrain.errors import UserError
@@ -100,9 +102,28 @@ class Trainer:
         self.autocast_dtype = AUTOCAST_DTYPES.get(cfg.training.dtype)
         self.scaler = torch.amp.GradScaler(runtime.device.type) if cfg.training.dtype == "fp16" else None
         self.step = 0
+        self.checkpoints = CheckpointManager(self) if cfg.checkpoint.enable else None
+        self.resumed_from = self._restore()
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(runtime.device, cfg.training.dtype)
+
+    def _restore(self) -> str | None:
+        """Resume from a checkpoint (checkpoint.resume) or start from weights
+        (checkpoint.init_from); rank 0 picks the directory for everyone."""
+        if self.checkpoints is None:
+            return None
+        choice = [str(find_resume_dir(self.cfg, self.run_dir) or "") if self.runtime.is_main else None]
+        if self.runtime.distributed:
+            dist.broadcast_object_list(choice, src=0)
+        if choice[0]:
+            self.step = self.checkpoints.load(Path(choice[0]))
+            if self.runtime.is_main:
+                _truncate_metrics(self.run_dir / "metrics.jsonl", self.step)
+            return choice[0]
+        if self.cfg.checkpoint.init_from:
+            self.checkpoints.load_weights(Path(self.cfg.checkpoint.init_from).expanduser())
+        return None
 
     def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
         """Mean loss of one micro-step (or pipeline microbatch), pre-divided by
@@ -142,7 +163,8 @@ class Trainer:
             loss_sum += _local(loss.detach())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        if self.step == 0:
+        measure_memory = not hasattr(self, "memory")  # the first step this process runs
+        if measure_memory:
             self.memory = self._state_bytes(count_grads=True)
         grad_norm = clip_grad_norm(self.model, t.grad_clip if t.grad_clip > 0 else float("inf"))
         lr = self.scheduler.get_last_lr()[0]
@@ -152,7 +174,7 @@ class Trainer:
         else:
             self.optimizer.step()
         self.scheduler.step()
-        if self.step == 0:
+        if measure_memory:
             self.memory.update(self._state_bytes(count_grads=False))
         self.optimizer.zero_grad(set_to_none=True)
         loss_value = self._global_loss(loss_sum)  # synchronizes, so the step time below is real
@@ -193,11 +215,15 @@ class Trainer:
                 "optimizer_bytes": sum(_nbytes(v) for v in states)}
 
     def fit(self, show_progress: bool = True) -> dict:
+        """Train to training.steps, checkpointing every checkpoint.interval
+        steps and at the end. SIGTERM/SIGINT (or debug.stop_at_step) finish the
+        current step, save, and return normally."""
         cfg, main = self.cfg, self.runtime.is_main
         writer = MetricsWriter(self.run_dir / "metrics.jsonl" if main else None)
         display = ProgressDisplay(cfg.training.steps, enabled=show_progress and main,
                                   line_every=max(cfg.logging.interval, cfg.training.steps // 10))
         records, start = [], time.perf_counter()
+        stop = _StopRequest()
         try:
             while self.step < cfg.training.steps:
                 record = self.train_step()
@@ -205,11 +231,22 @@ class Trainer:
                 if self.step % cfg.logging.interval == 0 or self.step == cfg.training.steps:
                     writer.write(record)
                 display.update(self.step, record)
+                if self._agree_to_stop(stop.requested or self.step == cfg.debug.stop_at_step):
+                    break
+                interval = cfg.checkpoint.interval
+                if self.checkpoints and interval and self.step % interval == 0 and self.step < cfg.training.steps:
+                    self.checkpoints.save(self.step)
+            if self.checkpoints:
+                self.checkpoints.save(self.step, blocking=True)
+                self.checkpoints.wait()
         finally:
+            stop.restore()
             display.close()
             writer.close()
         elapsed = time.perf_counter() - start
         summary = self._summary(records, elapsed)
+        summary["stopped_early"] = self.step < cfg.training.steps
+        summary["resumed_from"] = self.resumed_from
         state = self.model.full_state_dict()  # a collective: every rank takes part
         memory = [None] * self.runtime.world_size if self.runtime.distributed else None
         if memory is not None:
@@ -218,6 +255,14 @@ class Trainer:
         if main:
             self._write_outputs(summary, state)
         return summary
+
+    def _agree_to_stop(self, local: bool) -> bool:
+        """A signal may reach the ranks at different steps: stop when any rank saw one."""
+        if not self.runtime.distributed:
+            return local
+        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self.runtime.device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _summary(self, records: list[dict], elapsed: float) -> dict:
         cfg = self.cfg
@@ -270,6 +315,36 @@ class Trainer:
         save_file(state, str(tmp), metadata={"step": str(self.step)})
         os.replace(tmp, self.run_dir / "model.safetensors")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+class _StopRequest:
+    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
+
+    def __init__(self):
+        self.requested = False
+        self.previous = {}
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                self.previous[sig] = signal.signal(sig, self._handle)
+            except ValueError:  # not the main thread: leave signals alone
+                pass
+
+    def _handle(self, signum, frame) -> None:
+        self.requested = True
+
+    def restore(self) -> None:
+        for sig, handler in self.previous.items():
+            signal.signal(sig, handler)
+
+
+def _truncate_metrics(path: Path, step: int) -> None:
+    """After a resume from ``step``, forget the records of steps after it."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:

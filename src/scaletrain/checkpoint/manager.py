@@ -1,0 +1,223 @@
+"""Saving and resuming: sharded DCP checkpoints, sealed atomically, kept to
+``checkpoint.keep_last``, written synchronously or in the background.
+
+A checkpoint directory ``step_<8 digits>/`` holds the DCP shards (model,
+optimizer, per-rank RNG), ``train_state.json`` (step, sampler position, LR
+schedule, layout, resolved config) and ``manifest.json``, written last.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint import FileSystemReader
+
+from scaletrain.checkpoint.manifest import read_manifest, seal, step_dir_name, step_dirs, verify
+from scaletrain.checkpoint.state import (init_optimizer_state, model_state, optimizer_state, rng_state,
+                                         set_rng_state)
+from scaletrain.errors import UserError
+
+FORMAT_VERSION = 1
+
+
+class CheckpointError(RuntimeError):
+    """A save failed (unwritable or full directory, ...); earlier checkpoints are intact."""
+
+
+def warn(message: str) -> None:
+    print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def checkpoint_root(cfg, run_dir: Path) -> Path:
+    return Path(cfg.checkpoint.dir).expanduser() if cfg.checkpoint.dir else run_dir / "checkpoints"
+
+
+def find_resume_dir(cfg, run_dir: Path) -> Path | None:
+    """The checkpoint to resume from: the newest valid one for 'auto' (with a
+    warning for each invalid newer one), an explicit path, or None."""
+    resume = cfg.checkpoint.resume
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = Path(resume).expanduser()
+        if (problem := verify(path)) is not None:
+            raise UserError(f"checkpoint.resume = {resume!r} is not a valid checkpoint: {problem}")
+        return path
+    for step, path in reversed(step_dirs(checkpoint_root(cfg, run_dir))):
+        problem = verify(path)
+        if problem is None:
+            return path
+        warn(f"skipping checkpoint {path.name}: {problem}; falling back to the previous one")
+    return None
+
+
+class CheckpointManager:
+    def __init__(self, trainer):
+        self.trainer = trainer
+        self.cfg = trainer.cfg.checkpoint
+        self.root = checkpoint_root(trainer.cfg, trainer.run_dir)
+        self.runtime = trainer.runtime
+        self.pending = None  # (future, tmp_dir, step) of a background save
+        self.last_saved_step = -1
+
+    # -- saving ---------------------------------------------------------------
+
+    def _state(self) -> dict[str, torch.Tensor]:
+        t = self.trainer
+        return {**model_state(t.model), **optimizer_state(t.model, t.optimizer), **rng_state(self.runtime.rank)}
+
+    def _agree(self, ok: bool) -> bool:
+        """True only if every rank says ok (so no rank walks into a collective alone)."""
+        if not self.runtime.distributed:
+            return ok
+        flag = torch.tensor([0 if ok else 1], dtype=torch.int32)
+        dist.all_reduce(flag)
+        return flag.item() == 0
+
+    def save(self, step: int, blocking: bool = False) -> None:
+        """Checkpoint the state after ``step``. Failures follow checkpoint.on_error."""
+        if step == self.last_saved_step:
+            return
+        self.wait()
+        tmp = self.root / f".tmp-{step_dir_name(step)}"
+        error = None
+        if self.runtime.is_main:
+            try:
+                if tmp.exists():
+                    shutil.rmtree(tmp)
+                tmp.mkdir(parents=True)
+            except OSError as exc:
+                error = exc
+        if not self._agree(error is None):
+            return self._failed(tmp, f"cannot create {tmp}: {error or 'failed on rank 0'}")
+        try:
+            if self.cfg.async_save and not blocking:
+                # Blocks only while the state is copied to CPU memory; the
+                # write runs in a background thread until wait().
+                self.pending = (dcp.async_save(self._state(), checkpoint_id=str(tmp)), tmp, step)
+                self.last_saved_step = step
+                return
+            dcp.save(self._state(), checkpoint_id=str(tmp))
+        except Exception as exc:  # DCP gathers every rank's write errors into one exception
+            return self._failed(tmp, f"writing {tmp} failed: {exc}")
+        self._finish(tmp, step)
+
+    def wait(self) -> None:
+        """Complete a background save, if one is running."""
+        if self.pending is None:
+            return
+        future, tmp, step = self.pending
+        self.pending = None
+        try:
+            future.result()
+        except Exception as exc:
+            return self._failed(tmp, f"writing {tmp} failed: {exc}")
+        self._finish(tmp, step)
+
+    def _finish(self, tmp: Path, step: int) -> None:
+        self.runtime.barrier()  # every rank's shards are on disk
+        error = None
+        if self.runtime.is_main:
+            try:
+                t = self.trainer
+                (tmp / "train_state.json").write_text(json.dumps(self._train_state(step), indent=1))
+                (tmp / "config.toml").write_text(t.cfg.to_toml())
+                seal(tmp, self.root / step_dir_name(step), {"format": FORMAT_VERSION, "step": step,
+                                                            "layout": t.dims.degrees(),
+                                                            "zero_stage": t.cfg.parallel.zero_stage})
+                self._apply_retention()
+            except OSError as exc:
+                error = exc
+        if not self._agree(error is None):
+            return self._failed(tmp, f"sealing {tmp} failed: {error or 'failed on rank 0'}")
+        self.last_saved_step = step
+
+    def _train_state(self, step: int) -> dict:
+        t = self.trainer
+        return {
+            "step": step,
+            "sampler": t.sampler.state_dict(),
+            "scheduler": t.scheduler.state_dict(),  # numbers only: the schedule itself is code
+            "scaler": t.scaler.state_dict() if t.scaler else None,
+            "layout": t.dims.degrees(),
+            "config": t.cfg.to_dict(),
+        }
+
+    def _apply_retention(self) -> None:
+        if self.cfg.keep_last == 0:
+            return
+        complete = [path for _, path in step_dirs(self.root) if (path / "manifest.json").is_file()]
+        for path in complete[:-self.cfg.keep_last]:
+            shutil.rmtree(path, ignore_errors=True)
+
+    def _failed(self, tmp: Path, message: str) -> None:
+        if self.runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+        if self.cfg.on_error == "stop":
+            raise CheckpointError(f"{message} (checkpoint.on_error = stop; earlier checkpoints are intact)")
+        warn(f"{message}; training continues without this checkpoint (checkpoint.on_error = continue)")
+
+    # -- loading --------------------------------------------------------------
+
+    def load(self, ckpt_dir: Path) -> int:
+        """Restore model, optimizer, RNG, sampler and schedule; returns the step."""
+        t = self.trainer
+        info = json.loads((ckpt_dir / "train_state.json").read_text())
+        check_model_matches(info["config"]["model"], t.cfg)
+        init_optimizer_state(t.optimizer)
+        stored = set(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
+        state = {**model_state(t.model), **optimizer_state(t.model, t.optimizer)}
+        missing = sorted(set(state) - stored)
+        if missing:
+            raise UserError(f"checkpoint {ckpt_dir} lacks {len(missing)} tensors this run needs, e.g. {missing[0]}")
+        rng = {k: v for k, v in rng_state(self.runtime.rank).items() if k in stored}
+        state.update(rng)
+        dcp.load(state, checkpoint_id=str(ckpt_dir))
+        set_rng_state(rng, self.runtime.rank)
+        t.sampler.load_state_dict(info["sampler"])
+        t.scheduler.load_state_dict(info["scheduler"])
+        for group, lr in zip(t.optimizer.param_groups, t.scheduler.get_last_lr()):
+            group["lr"] = lr
+        if t.scaler and info.get("scaler"):
+            t.scaler.load_state_dict(info["scaler"])
+        self.last_saved_step = info["step"]
+        return info["step"]
+
+    def load_weights(self, ckpt_dir: Path) -> None:
+        """checkpoint.init_from: the model weights only (fine-tuning start)."""
+        t = self.trainer
+        if (problem := verify(ckpt_dir)) is not None:
+            raise UserError(f"checkpoint.init_from = {str(ckpt_dir)!r} is not a valid checkpoint: {problem}")
+        info = json.loads((ckpt_dir / "train_state.json").read_text())
+        check_model_matches(info["config"]["model"], t.cfg)
+        dcp.load(model_state(t.model), checkpoint_id=str(ckpt_dir))
+
+
+def check_model_matches(saved: dict, cfg) -> None:
+    shape_keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings")
+    current = cfg.to_dict()["model"]
+    diffs = [f"model.{k}: checkpoint {saved[k]!r}, this run {current[k]!r}" for k in shape_keys if saved[k] != current[k]]
+    if diffs:
+        raise UserError("the checkpoint's model shape differs from this run's: " + "; ".join(diffs))
+
+
+def describe(ckpt_dir: Path) -> dict:
+    """What ``scaletrain checkpoint inspect`` shows."""
+    problem = verify(ckpt_dir)
+    out: dict = {"path": str(ckpt_dir), "valid": problem is None, "problem": problem}
+    if (ckpt_dir / "manifest.json").is_file():
+        manifest = read_manifest(ckpt_dir)
+        out.update(step=manifest.get("step"), layout=manifest.get("layout"), zero_stage=manifest.get("zero_stage"),
+                   bytes=sum(f["bytes"] for f in manifest["files"].values()), files=len(manifest["files"]))
+    try:
+        metadata = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+        out["tensors"] = {key: list(getattr(meta, "size", ())) for key, meta in sorted(metadata.items())}
+    except Exception as exc:  # unreadable metadata is reported, not raised
+        out["tensors_error"] = str(exc)
+    return out
