@@ -57,6 +57,22 @@ def find_resume_dir(cfg, run_dir: Path) -> Path | None:
     return None
 
 
+def check_checkpoint_paths(cfg, run_dir: Path) -> None:
+    """Before anything is written: explicit resume / init_from paths must be
+    valid checkpoints, and a used run directory needs something to resume."""
+    if cfg.checkpoint.resume not in ("auto", "none"):
+        find_resume_dir(cfg, run_dir)
+    if cfg.checkpoint.init_from:
+        path = Path(cfg.checkpoint.init_from).expanduser()
+        if (problem := verify(path)) is not None:
+            raise UserError(f"checkpoint.init_from = {cfg.checkpoint.init_from!r} is not a valid checkpoint: "
+                            f"{problem} (import a HF model with `scaletrain checkpoint import`)")
+    resumable = cfg.checkpoint.resume != "none" and step_dirs(checkpoint_root(cfg, run_dir))
+    if (run_dir / "metrics.jsonl").exists() and not resumable:
+        raise UserError(f"--run-dir {run_dir} already holds a run (metrics.jsonl) and no checkpoint to resume "
+                        "from; choose another directory")
+
+
 class CheckpointManager:
     def __init__(self, trainer):
         self.trainer = trainer
@@ -65,6 +81,11 @@ class CheckpointManager:
         self.runtime = trainer.runtime
         self.pending = None  # (future, tmp_dir, step) of a background save
         self.last_saved_step = -1
+        # A background save runs its collectives from another thread: on their
+        # own gloo group, never interleaved with training's on the default one.
+        self.async_group = None
+        if self.cfg.async_save and self.runtime.distributed:
+            self.async_group = dist.new_group(backend="gloo")
 
     # -- saving ---------------------------------------------------------------
 
@@ -100,7 +121,8 @@ class CheckpointManager:
             if self.cfg.async_save and not blocking:
                 # Blocks only while the state is copied to CPU memory; the
                 # write runs in a background thread until wait().
-                self.pending = (dcp.async_save(self._state(), checkpoint_id=str(tmp)), tmp, step)
+                future = dcp.async_save(self._state(), checkpoint_id=str(tmp), process_group=self.async_group)
+                self.pending = (future, tmp, step)
                 self.last_saved_step = step
                 return
             dcp.save(self._state(), checkpoint_id=str(tmp))

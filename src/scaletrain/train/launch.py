@@ -10,6 +10,7 @@ before the run directory or any worker exists, so bad input writes nothing.
 from __future__ import annotations
 
 import io
+import json
 import os
 import sys
 import time
@@ -19,7 +20,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from scaletrain.checkpoint import find_resume_dir
+from scaletrain.checkpoint import CheckpointError, check_checkpoint_paths
 from scaletrain.config import Config, load_config
 from scaletrain.data import prepare_corpus
 from scaletrain.errors import UserError
@@ -43,9 +44,7 @@ def prepare_run(cfg: Config, world_size: int, run_dir: Path | None) -> tuple[Con
     cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
     check_data(cfg, corpus)
     run_dir = run_dir or default_run_dir()
-    if (run_dir / "metrics.jsonl").exists() and find_resume_dir(cfg, run_dir) is None:
-        raise UserError(f"--run-dir {run_dir} already holds a run (metrics.jsonl) and no checkpoint to resume "
-                        "from; choose another directory")
+    check_checkpoint_paths(cfg, run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     (run_dir / "config.toml").write_text(cfg.to_toml())
     return cfg, run_dir
@@ -70,6 +69,7 @@ def train(config_path: str | None, overrides: list[str], nproc: int, run_dir: Pa
 
 
 def launch_workers(run_dir: Path, nproc: int, max_restarts: int = 0) -> int:
+    from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.run import get_args_parser, run
 
@@ -79,11 +79,21 @@ def launch_workers(run_dir: Path, nproc: int, max_restarts: int = 0) -> int:
         "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
         "-m", "scaletrain", "train", "--config", str(run_dir / "config.toml"), "--run-dir", str(run_dir),
     ])
+    started = time.time()
     try:
         run(args)
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
         return 2 if codes == {2} else 1
+    except SignalException as exc:
+        # SIGTERM/SIGINT to this process: torchrun's agent passed it on to the
+        # workers and waited for them; they finish the step, checkpoint, write
+        # the summary and exit. Success is that summary, written after the signal.
+        summary = run_dir / "summary.json"
+        if summary.exists() and summary.stat().st_mtime >= started and json.loads(summary.read_text())["stopped_early"]:
+            return 0
+        print(f"error: stopped by signal {exc.sigval} before the workers could save", file=sys.stderr)
+        return 1
     return 0
 
 
@@ -131,6 +141,9 @@ def run_worker(cfg: Config, run_dir: Path | None, exit_hard: bool = True) -> int
     except UserError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 2
+    except CheckpointError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        code = 1
     except Exception:
         traceback.print_exc()
         code = 1
