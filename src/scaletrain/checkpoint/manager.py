@@ -121,11 +121,12 @@ class CheckpointManager:
             if self.cfg.async_save and not blocking:
                 # Blocks only while the state is copied to CPU memory; the
                 # write runs in a background thread until wait().
-                future = dcp.async_save(self._state(), checkpoint_id=str(tmp), process_group=self.async_group)
+                future = dcp.async_save(self._state(), checkpoint_id=str(tmp), process_group=self.async_group,
+                                        no_dist=not self.runtime.distributed)
                 self.pending = (future, tmp, step)
                 self.last_saved_step = step
                 return
-            dcp.save(self._state(), checkpoint_id=str(tmp))
+            dcp.save(self._state(), checkpoint_id=str(tmp), no_dist=not self.runtime.distributed)
         except Exception as exc:  # DCP gathers every rank's write errors into one exception
             return self._failed(tmp, f"writing {tmp} failed: {exc}")
         self._finish(tmp, step)
@@ -200,7 +201,7 @@ class CheckpointManager:
             raise UserError(f"checkpoint {ckpt_dir} lacks {len(missing)} tensors this run needs, e.g. {missing[0]}")
         rng = {k: v for k, v in rng_state(self.runtime.rank).items() if k in stored}
         state.update(rng)
-        dcp.load(state, checkpoint_id=str(ckpt_dir))
+        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not self.runtime.distributed)
         set_rng_state(rng, self.runtime.rank)
         t.sampler.load_state_dict(info["sampler"])
         t.scheduler.load_state_dict(info["scheduler"])
@@ -218,7 +219,7 @@ class CheckpointManager:
             raise UserError(f"checkpoint.init_from = {str(ckpt_dir)!r} is not a valid checkpoint: {problem}")
         info = json.loads((ckpt_dir / "train_state.json").read_text())
         check_model_matches(info["config"]["model"], t.cfg)
-        dcp.load(model_state(t.model), checkpoint_id=str(ckpt_dir))
+        dcp.load(model_state(t.model), checkpoint_id=str(ckpt_dir), no_dist=not self.runtime.distributed)
 
 
 def check_model_matches(saved: dict, cfg) -> None:
