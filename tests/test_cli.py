@@ -34,9 +34,11 @@ def test_command_surface_is_frozen():
     import typer
 
     command = typer.main.get_command(app)
-    assert set(command.commands) == {"train", "config"}
+    assert set(command.commands) == {"train", "config", "checkpoint"}
     assert set(command.commands["config"].commands) == {"show", "keys"}
-    assert {p.name for p in command.commands["train"].params} == {"config", "set_", "nproc", "run_dir"}
+    assert set(command.commands["checkpoint"].commands) == {"inspect", "export", "import"}
+    assert {p.name for p in command.commands["train"].params} == {"config", "set_", "nproc", "run_dir",
+                                                                   "max_restarts"}
 
 
 @pytest.mark.parametrize("make_args, needle", [
@@ -93,7 +95,9 @@ def test_train_writes_the_contract_files(tmp_path, debug_config):
                     "--set", "logging.interval=2"], timeout=120)
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
-    assert {p.name for p in run.iterdir()} == {"config.toml", "metrics.jsonl", "summary.json", "model.safetensors"}
+    assert {p.name for p in run.iterdir()} == {"config.toml", "metrics.jsonl", "summary.json", "model.safetensors",
+                                               "checkpoints"}
+    assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000008"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6, 8]
     for r in records:
@@ -103,8 +107,12 @@ def test_train_writes_the_contract_files(tmp_path, debug_config):
     assert summary["loss_last"] < summary["loss_first"]
     assert len(summary["samples"]) == 3 and "training done" in proc.stdout
     assert 'vocab_size = 320' in (run / "config.toml").read_text()  # resolved from the byte tokenizer
+    # The same command again resumes from the final checkpoint: nothing left to do.
     again = run_cli(["train", "--config", str(debug_config), "--run-dir", str(run)], timeout=60)
-    assert again.returncode == 2 and "already holds a run" in again.stderr
+    assert again.returncode == 0 and "nothing to do: resumed at step 8" in again.stderr
+    fresh = run_cli(["train", "--config", str(debug_config), "--run-dir", str(run), "--set", "checkpoint.resume=none"],
+                    timeout=60)
+    assert fresh.returncode == 2 and "already holds a run" in fresh.stderr
 
 
 @pytest.mark.parametrize("args, needle", [

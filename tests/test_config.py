@@ -16,6 +16,8 @@ PUBLIC_KEYS = {
                  "compile"],
     "parallel": ["dp_replicate", "dp_shard", "tp", "pp", "zero_stage", "sequence_parallel", "pp_schedule",
                  "pp_microbatches", "pp_virtual_stages", "cpu_offload", "ddp_bucket_cap_mb"],
+    "checkpoint": ["enable", "dir", "interval", "keep_last", "async", "resume", "init_from", "on_error"],
+    "debug": ["stop_at_step"],
     "logging": ["interval", "sample_tokens"],
 }
 

@@ -133,7 +133,7 @@ def run_worker(cfg: Config, run_dir: Path | None, exit_hard: bool = True) -> int
         run_dir = _agree_on_run_dir(runtime, run_dir)
         trainer = Trainer(cfg, run_dir, runtime)
         summary = trainer.fit()
-        if runtime.is_main:
+        if runtime.is_main and summary is not None:
             from scaletrain.train.display import print_summary
 
             print_summary(summary)

@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 
@@ -214,11 +215,16 @@ class Trainer:
         return {"params_bytes": sum(_nbytes(p) for p in self.model.parameters()),
                 "optimizer_bytes": sum(_nbytes(v) for v in states)}
 
-    def fit(self, show_progress: bool = True) -> dict:
+    def fit(self, show_progress: bool = True) -> dict | None:
         """Train to training.steps, checkpointing every checkpoint.interval
         steps and at the end. SIGTERM/SIGINT (or debug.stop_at_step) finish the
         current step, save, and return normally."""
         cfg, main = self.cfg, self.runtime.is_main
+        if self.step >= cfg.training.steps:
+            if main:
+                print(f"[rank0] nothing to do: resumed at step {self.step} of training.steps = "
+                      f"{cfg.training.steps} ({self.resumed_from})", file=sys.stderr)
+            return None
         writer = MetricsWriter(self.run_dir / "metrics.jsonl" if main else None)
         display = ProgressDisplay(cfg.training.steps, enabled=show_progress and main,
                                   line_every=max(cfg.logging.interval, cfg.training.steps // 10))
