@@ -26,6 +26,7 @@ CASES = {
         "pp_zbv": BASE + ["parallel.pp=2", "parallel.pp_schedule=zbv"],
         "uneven_pp": UNEVEN + ["parallel.pp=2"],
         "uneven_tp_vocab": UNEVEN + ["parallel.tp=2", "parallel.sequence_parallel=true"],
+        "zero3_bf16": BASE + ["parallel.zero_stage=3", "training.dtype=bf16"],
     },
     3: {
         "uneven_zero3": UNEVEN + ["parallel.zero_stage=3"],
@@ -43,7 +44,7 @@ CASES = {
         "dp_x_tp_x_pp_2x2x2": BASE + ["parallel.dp_replicate=2", "parallel.tp=2", "parallel.pp=2"],
     },
 }
-ALL = [(n, name) for n, cases in CASES.items() for name in cases]
+ALL = [(n, name) for n, cases in CASES.items() for name in cases if not name.endswith("bf16")]
 
 
 @pytest.fixture(scope="module")
@@ -93,3 +94,12 @@ def test_zero_stages_shard_what_they_promise(references, runs):
             assert rank["optimizer_bytes"] == adam_full / 2 + step_bytes
             # FSDP2 reshards after backward in both stages: at rest parameters are sharded too.
             assert rank["params_bytes"] == full["params_bytes"] / 2
+
+
+def test_fsdp_mixed_precision_trains_close_to_fp32(references, runs):
+    """bf16 compute with fp32 master weights and fp32 gradient reduction."""
+    import torch
+
+    result = runs(2)["zero3_bf16"]
+    torch.testing.assert_close(torch.tensor(result.losses), torch.tensor(references["base"].losses), rtol=0.03, atol=0)
+    assert all(p.dtype == torch.float32 for p in result.params.values())
