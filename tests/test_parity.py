@@ -57,3 +57,8 @@ def test_ddp_run_exits_zero_every_time(tmp_path, debug_config):
     for attempt in range(3):
         result = train_run(tmp_path / f"run{attempt}", debug_config, ["training.steps=2"], nproc=2)
         assert len(result.losses) == 2
+
+
+def test_torch_compile_trains_like_eager(tmp_path, debug_config, reference):
+    result = train_run(tmp_path / "run", debug_config, BASE + ["training.compile=true"], timeout=400)
+    assert_parity(reference, result, rtol=1e-4, atol=1e-5, param_atol=1e-4)

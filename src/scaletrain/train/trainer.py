@@ -103,6 +103,7 @@ class Trainer:
         self.autocast_dtype = AUTOCAST_DTYPES.get(cfg.training.dtype)
         self.scaler = torch.amp.GradScaler(runtime.device.type) if cfg.training.dtype == "fp16" else None
         self.step = 0
+        self.memory: dict | None = None  # state bytes of this rank, measured on its first step
         self.checkpoints = CheckpointManager(self) if cfg.checkpoint.enable else None
         self.resumed_from = self._restore()
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
@@ -164,7 +165,7 @@ class Trainer:
             loss_sum += _local(loss.detach())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
-        measure_memory = not hasattr(self, "memory")  # the first step this process runs
+        measure_memory = self.memory is None  # the first step this process runs
         if measure_memory:
             self.memory = self._state_bytes(count_grads=True)
         grad_norm = clip_grad_norm(self.model, t.grad_clip if t.grad_clip > 0 else float("inf"))
