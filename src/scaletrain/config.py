@@ -134,6 +134,15 @@ class CheckpointConfig:
 class DebugConfig:
     stop_at_step: int = _f(0, "fault injection: after this step, act as if SIGTERM arrived (save, exit 0)",
                            minimum=0)
+    measure_step: int = _f(0, "profile this step: peak tensor memory and bytes per collective per rank, "
+                              "written to summary.json as measured_by_rank (scaletrain plan --verify); 0 = off",
+                           minimum=0)
+    hang_timeout: float = _f(300.0, "seconds without progress on any rank before the watchdog writes "
+                                    "hang_report.json and stops the job with exit code 3; 0 = watchdog off",
+                             minimum=0.0)
+    straggler_factor: float = _f(1.5, "a rank whose step time exceeds the median by this factor is reported "
+                                      "as a straggler (checked every logging.interval steps); 0 = off",
+                                 minimum=0.0)
 
 
 @dataclass

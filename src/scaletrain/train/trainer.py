@@ -22,6 +22,7 @@ import torch.distributed as dist
 from safetensors.torch import save_file
 from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
+from torch.nn.parallel import DistributedDataParallel
 
 from scaletrain.checkpoint import CheckpointManager, find_resume_dir
 from scaletrain.config import Config, pipeline_microbatches
@@ -31,6 +32,7 @@ from scaletrain.model import Llama, cross_entropy_loss, generate, param_count, t
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
 from scaletrain.parallel.runtime import Runtime
 from scaletrain.train.display import ProgressDisplay, print_summary
+from scaletrain.train.measure import StepProbe
 from scaletrain.train.metrics import MetricsWriter, device_peak_flops, mem_peak_bytes
 from scaletrain.train.optim import build_scheduler
 
@@ -104,6 +106,7 @@ class Trainer:
         self.scaler = torch.amp.GradScaler(runtime.device.type) if cfg.training.dtype == "fp16" else None
         self.step = 0
         self.memory: dict | None = None  # state bytes of this rank, measured on its first step
+        self.measured: dict | None = None  # debug.measure_step's profile of this rank
         self.checkpoints = CheckpointManager(self) if cfg.checkpoint.enable else None
         self.resumed_from = self._restore()
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
@@ -216,6 +219,21 @@ class Trainer:
         return {"params_bytes": sum(_nbytes(p) for p in self.model.parameters()),
                 "optimizer_bytes": sum(_nbytes(v) for v in states)}
 
+    def _live_state_bytes(self) -> int:
+        """Bytes of the tensors alive between steps: parameters, gradients,
+        buffers and optimizer states of this rank."""
+        tensors = {id(t): t for part in self.model.parts for t in (*part.parameters(), *part.buffers())}
+        tensors.update({id(p.grad): p.grad for p in self.model.parameters() if p.grad is not None})
+        optimizer = getattr(self.optimizer, "optim", self.optimizer)
+        tensors.update({id(v): v for state in optimizer.state.values() for v in state.values()
+                        if torch.is_tensor(v)})
+        total = sum(_nbytes(t) for t in tensors.values())
+        for part in self.model.parts:  # DDP's gradient buckets outlive zero_grad(set_to_none=True)
+            if isinstance(part, DistributedDataParallel) and not any(p.grad is not None for p in part.parameters()):
+                sizes = str(part._get_ddp_logging_data().get("bucket_sizes", ""))
+                total += sum(int(size) for size in sizes.split(",") if size.strip())
+        return total
+
     def fit(self, show_progress: bool = True) -> dict | None:
         """Train to training.steps, checkpointing every checkpoint.interval
         steps and at the end. SIGTERM/SIGINT (or debug.stop_at_step) finish the
@@ -233,7 +251,12 @@ class Trainer:
         stop = _StopRequest()
         try:
             while self.step < cfg.training.steps:
-                record = self.train_step()
+                if self.step + 1 == cfg.debug.measure_step:
+                    with StepProbe(self.runtime.device, self._live_state_bytes()) as probe:
+                        record = self.train_step()
+                    self.measured = probe.result()
+                else:
+                    record = self.train_step()
                 records.append(record)
                 if self.step % cfg.logging.interval == 0 or self.step == cfg.training.steps:
                     writer.write(record)
@@ -259,6 +282,11 @@ class Trainer:
         if memory is not None:
             dist.all_gather_object(memory, {"rank": self.runtime.rank, **self.memory})
         summary["state_bytes_by_rank"] = memory or [{"rank": 0, **self.memory}]
+        if cfg.debug.measure_step:
+            measured = [None] * self.runtime.world_size if self.runtime.distributed else None
+            if measured is not None:
+                dist.all_gather_object(measured, {"rank": self.runtime.rank, **(self.measured or {})})
+            summary["measured_by_rank"] = measured or [{"rank": 0, **(self.measured or {})}]
         if main:
             self._write_outputs(summary, state)
         return summary

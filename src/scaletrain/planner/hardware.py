@@ -1,0 +1,171 @@
+"""The hardware catalog (catalog.toml, extendable by the user) and clusters
+built from it, mixed ones included."""
+
+from __future__ import annotations
+
+import difflib
+import os
+import tomllib
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+from scaletrain.errors import UserError
+
+BUILTIN = Path(__file__).with_name("catalog.toml")
+USER_CATALOG = Path("~/.config/scaletrain/hardware.toml")
+GIB = 2**30
+
+
+@dataclass(frozen=True)
+class Device:
+    name: str
+    description: str
+    memory_gib: float
+    bf16: float  # dense peak TFLOP/s; 0 = unsupported
+    fp16: float
+    fp32: float
+    hbm_gbps: float
+    intra: str
+    intra_gbps: float
+    intra_latency_us: float
+    inter: str
+    inter_gbps: float
+    inter_latency_us: float
+    matmul_efficiency: float = 0.6
+    overhead_gib: float = 1.0
+    match: tuple[str, ...] = ()
+    # Fraction of data-parallel gradient communication hidden behind the
+    # backward pass: 1 on GPUs (NCCL runs on its own stream), 0 on CPUs (gloo
+    # competes with compute for the same cores). An explicit assumption.
+    overlap: float = 1.0
+
+    def peak_flops(self, dtype: str) -> float:
+        return getattr(self, dtype) * 1e12
+
+    def achieved_flops(self, dtype: str) -> float:
+        return self.peak_flops(dtype) * self.matmul_efficiency
+
+
+def user_catalog_path() -> Path:
+    return Path(os.environ.get("SCALETRAIN_HARDWARE", USER_CATALOG)).expanduser()
+
+
+def load_catalog(extra: Path | None = None) -> dict[str, Device]:
+    """Built-in entries, then the user's file, then ``extra`` (later wins)."""
+    paths = [BUILTIN, user_catalog_path()] + ([extra] if extra else [])
+    catalog: dict[str, Device] = {}
+    known = {f.name for f in fields(Device)} - {"name"}
+    for path in paths:
+        if not path.exists():
+            if path is extra:
+                raise UserError(f"--hardware {path}: no such file")
+            continue
+        try:
+            entries = tomllib.loads(path.read_text())
+        except tomllib.TOMLDecodeError as exc:
+            raise UserError(f"{path}: not valid TOML ({exc})") from None
+        for name, values in entries.items():
+            unknown = set(values) - known
+            if unknown:
+                raise UserError(f"{path}: [{name}] has unknown keys {sorted(unknown)}; allowed: {sorted(known)}")
+            try:
+                base = catalog.get(name)
+                merged = ({f.name: getattr(base, f.name) for f in fields(Device)} if base else {}) | values
+                merged["match"] = tuple(merged.get("match", ()))
+                catalog[name] = Device(**{**merged, "name": name})
+            except TypeError as exc:
+                raise UserError(f"{path}: [{name}] is incomplete ({exc})") from None
+    return catalog
+
+
+def find_device(catalog: dict[str, Device], name: str) -> Device:
+    key = name.lower()
+    if key in catalog:
+        return catalog[key]
+    close = difflib.get_close_matches(key, catalog, n=3, cutoff=0.4)
+    hint = f"; did you mean {' or '.join(close)}?" if close else ""
+    raise UserError(f"--gpu {name!r} is not in the hardware catalog{hint} (known: {', '.join(catalog)})")
+
+
+def device_for_cuda_name(cuda_name: str, catalog: dict[str, Device] | None = None) -> Device | None:
+    """The catalog entry whose ``match`` strings occur in a CUDA device name."""
+    for device in (catalog or load_catalog()).values():
+        if any(m in cuda_name for m in device.match):
+            return device
+    return None
+
+
+@dataclass(frozen=True)
+class Cluster:
+    """``gpus`` devices in nodes of ``gpus_per_node``; a mixed cluster is
+    planned as its weakest member: the smallest memory, the slowest compute
+    and links (every rank waits for the slowest one at each collective)."""
+
+    kinds: tuple[tuple[Device, int], ...]
+    gpus_per_node: int
+
+    @property
+    def gpus(self) -> int:
+        return sum(n for _, n in self.kinds)
+
+    @property
+    def nodes(self) -> int:
+        return self.gpus // self.gpus_per_node
+
+    @property
+    def mixed(self) -> bool:
+        return len(self.kinds) > 1
+
+    @property
+    def device(self) -> Device:
+        """The effective device: each property the worst among the kinds."""
+        devices = [d for d, _ in self.kinds]
+        if len(devices) == 1:
+            return devices[0]
+        worst = {f.name: min(getattr(d, f.name) for d in devices)
+                 for f in fields(Device) if f.type in ("float", float)}
+        slowest = min(devices, key=lambda d: d.bf16 or d.fp16)
+        return Device(**{**{f.name: getattr(slowest, f.name) for f in fields(Device)}, **worst,
+                         "name": "+".join(d.name for d in devices),
+                         "description": " + ".join(f"{n}x {d.description}" for d, n in self.kinds)})
+
+    def notes(self) -> list[str]:
+        if not self.mixed:
+            return []
+        d = self.device
+        smallest = min(self.kinds, key=lambda k: k[0].memory_gib)[0]
+        slowest = min(self.kinds, key=lambda k: k[0].bf16 or k[0].fp16)[0]
+        notes = [f"mixed cluster: planned with the smallest memory ({smallest.name}, {d.memory_gib:g} GiB) "
+                 f"and the slowest device ({slowest.name}); every rank waits for it at each collective"]
+        if any(k.bf16 == 0 for k, _ in self.kinds):
+            notes.append("mixed cluster: not every device supports bf16; planned in fp16")
+        return notes
+
+
+def parse_cluster(catalog: dict[str, Device], gpu: str, gpus: int, gpus_per_node: int) -> Cluster:
+    """``gpu`` is a catalog name (all ``gpus`` alike) or ``name:count,name:count``."""
+    if gpus < 1:
+        raise UserError(f"--gpus = {gpus}; allowed: 1 or more")
+    if gpus_per_node < 1:
+        raise UserError(f"--gpus-per-node = {gpus_per_node}; allowed: 1 or more")
+    if "," in gpu or ":" in gpu:
+        kinds = []
+        for part in gpu.split(","):
+            name, _, count = part.partition(":")
+            if not count.isdigit() or int(count) < 1:
+                raise UserError(f"--gpu {gpu!r}: write a mixed cluster as name:count,name:count (e.g. "
+                                "a100-80g:4,v100-32g:4)")
+            kinds.append((find_device(catalog, name.strip()), int(count)))
+        total = sum(n for _, n in kinds)
+        if gpus and gpus != total and gpus != 1:
+            raise UserError(f"--gpus = {gpus} but --gpu {gpu!r} lists {total} devices")
+        gpus = total
+        for device, n in kinds:
+            if n % gpus_per_node:
+                raise UserError(f"--gpu {gpu!r}: {n} x {device.name} do not fill whole nodes of "
+                                f"--gpus-per-node = {gpus_per_node}")
+    else:
+        kinds = [(find_device(catalog, gpu), gpus)]
+    if gpus % gpus_per_node and gpus > gpus_per_node:
+        raise UserError(f"--gpus = {gpus} is not divisible by --gpus-per-node = {gpus_per_node}")
+    return Cluster(tuple(kinds), min(gpus_per_node, gpus))

@@ -1,0 +1,118 @@
+"""Proof against measurement: run the real trainer on this machine for small
+layouts and compare, per rank, predicted and measured model-state bytes,
+peak tensor memory, bytes per collective per step, and step time."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from scaletrain.config import load_config
+from scaletrain.planner.estimate import (Layout, Workload, coord_of, collectives, estimate, memory_of_rank, merge,
+                                         model_state_bytes)
+from scaletrain.planner.hardware import Cluster, Device
+
+# (name, layout) — each runs as its own launch of `scaletrain train`.
+LAYOUTS: list[tuple[str, Layout]] = [
+    ("single", Layout()),
+    ("ddp 2", Layout(dp_replicate=2)),
+    ("zero1 2", Layout(dp_shard=2, zero_stage=1)),
+    ("zero2 2", Layout(dp_shard=2, zero_stage=2)),
+    ("zero3 2", Layout(dp_shard=2, zero_stage=3)),
+    ("tp 2", Layout(tp=2)),
+    ("tp 2 + sp", Layout(tp=2, sequence_parallel=True)),
+    ("pp 2 1f1b", Layout(pp=2, pp_schedule="1f1b", pp_microbatches=2)),
+    ("zero3 2 x tp 2", Layout(dp_shard=2, zero_stage=3, tp=2)),
+]
+
+# The measured workload: big enough that compute dominates a step, small
+# enough to run on 2 CPU cores in seconds.
+VERIFY_SETTINGS = ["model.name=small", "data.source=stdlib", "data.tokenizer=byte", "data.seq_len=256",
+                   "training.global_batch_size=8", "training.micro_batch_size=4", "training.dtype=fp32",
+                   "logging.sample_tokens=0", "checkpoint.enable=false"]
+
+
+@dataclass
+class Case:
+    name: str
+    layout: Layout
+    summary: dict
+
+
+def run_case(name: str, layout: Layout, settings: list[str], steps: int, run_dir: Path, timeout: float = 600) -> Case:
+    layout = _with_micro_batch(layout, settings)
+    nproc = layout.world
+    measure = min(3, steps)
+    cmd = [sys.executable, "-m", "scaletrain", "train", "--nproc", str(nproc), "--run-dir", str(run_dir)]
+    for item in settings + layout.config_overrides() + [f"training.steps={steps}", f"debug.measure_step={measure}"]:
+        cmd += ["--set", item]
+    env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+    if proc.returncode != 0:
+        raise RuntimeError(f"{name}: scaletrain train exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    return Case(name, layout, json.loads((run_dir / "summary.json").read_text()))
+
+
+def _with_micro_batch(layout: Layout, settings: list[str]) -> Layout:
+    from dataclasses import replace
+
+    mb = next(int(s.split("=")[1]) for s in settings if s.startswith("training.micro_batch_size="))
+    return replace(layout, micro_batch=mb)
+
+
+def workload_of(summary_cfg_path: Path) -> Workload:
+    cfg = load_config(str(summary_cfg_path))
+    return Workload(cfg.model, cfg.data.seq_len, cfg.training.global_batch_size, cfg.training.dtype)
+
+
+def compare(case: Case, run_dir: Path, device: Device) -> list[dict]:
+    """One row per rank: predicted vs measured."""
+    w = workload_of(run_dir / "config.toml")
+    rows = []
+    states = {r["rank"]: r for r in case.summary["state_bytes_by_rank"]}
+    measured = {r["rank"]: r for r in case.summary["measured_by_rank"]}
+    for rank in sorted(states):
+        c = coord_of(case.layout, rank)
+        predicted_states = model_state_bytes(w.model, case.layout, c)
+        mem = memory_of_rank(w, case.layout, c, device, device_type="cpu")
+        rows.append({
+            "layout": case.name, "rank": rank,
+            "states_predicted": predicted_states,
+            "states_measured": {k: states[rank][k] for k in predicted_states},
+            "peak_predicted": mem["peak"], "peak_measured": measured[rank]["peak_bytes"],
+            "collectives_predicted": merge(collectives(w, case.layout, c)),
+            "collectives_measured": measured[rank]["collectives"],
+        })
+    return rows
+
+
+def step_time(case: Case, run_dir: Path, cluster: Cluster) -> dict:
+    w = workload_of(run_dir / "config.toml")
+    est = estimate(w, case.layout, cluster, device_type="cpu")
+    measured = case.summary["tokens_per_s"]
+    return {"layout": case.name, "predicted_tokens_per_s": est.tokens_per_s, "measured_tokens_per_s": measured,
+            "predicted_step_s": est.step_time_s,
+            "measured_step_s": w.global_batch * w.seq_len / measured,
+            "ratio": est.tokens_per_s / measured}
+
+
+def verify(device: Device, names: list[str] | None = None, steps: int = 6, settings: list[str] | None = None,
+           keep: Path | None = None, progress=print) -> dict:
+    settings = settings or VERIFY_SETTINGS
+    selected = [(n, l) for n, l in LAYOUTS if names is None or n in names]
+    cluster = Cluster(((device, 2),), gpus_per_node=max(l.world for _, l in selected))
+    rows, times = [], []
+    with tempfile.TemporaryDirectory(prefix="scaletrain-verify-") as tmp:
+        root = keep or Path(tmp)
+        for name, layout in selected:
+            run_dir = root / name.replace(" ", "_").replace("+", "")
+            progress(f"running {name} ({layout.world} process{'es' if layout.world > 1 else ''})")
+            case = run_case(name, layout, settings, steps, run_dir)
+            rows += compare(case, run_dir, device)
+            times.append(step_time(case, run_dir, cluster))
+    return {"ranks": rows, "step_time": times}
