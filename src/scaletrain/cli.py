@@ -100,6 +100,59 @@ def checkpoint_import(hf_dir: Path, out: Path, config: Optional[str] = ConfigOpt
           f"--set checkpoint.init_from={done}")
 
 
+bench_app = typer.Typer(no_args_is_help=True, help="Benchmarks of the machine.")
+app.add_typer(bench_app, name="bench")
+
+
+@app.command()
+def plan(
+    model: Optional[str] = typer.Option(None, "--model", "-m", help="Preset (7b, 70b, ...), a scaletrain .toml "
+                                        "config or a HF config.json (default: --config's model)."),
+    gpus: int = typer.Option(8, "--gpus", help="GPUs in the cluster."),
+    gpu: str = typer.Option("a100-80g", "--gpu", help="Catalog name, or a mixed cluster name:count,name:count."),
+    gpus_per_node: int = typer.Option(8, "--gpus-per-node", help="GPUs per node."),
+    seq_len: Optional[int] = typer.Option(None, "--seq-len", help="Sequence length (default 4096 or --config's)."),
+    global_batch: Optional[int] = typer.Option(None, "--global-batch", help="Sequences per step (default 1024)."),
+    dtype: Optional[str] = typer.Option(None, "--dtype", help="bf16, fp16 or fp32 (default bf16)."),
+    config: Optional[str] = ConfigOpt,
+    top: int = typer.Option(10, "--top", help="Rows to print."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    hardware: Optional[Path] = typer.Option(None, "--hardware", help="Extra hardware catalog TOML."),
+    verify: bool = typer.Option(False, "--verify", help="Run the real trainer on this machine for small layouts "
+                                "and compare predictions with measurements."),
+    calibrate: bool = typer.Option(False, "--calibrate", help="Measure this machine and write a hardware entry."),
+    name: str = typer.Option("local-cpu", "--name", help="Hardware entry that --calibrate writes and --verify uses."),
+    nproc: int = typer.Option(2, "--nproc", help="Workers per machine for --calibrate."),
+    layouts: Optional[str] = typer.Option(None, "--layouts", help="--verify: comma-separated subset of layouts."),
+) -> None:
+    """Predict memory, communication and step time of every parallel layout; rank them."""
+    from scaletrain.planner import cli as plan_cli
+
+    if calibrate:
+        raise typer.Exit(plan_cli.run_calibrate(name, nproc, hardware))
+    if verify:
+        raise typer.Exit(plan_cli.run_verify(name, hardware, layouts, as_json))
+    raise typer.Exit(plan_cli.run_plan(model, gpus, gpu, gpus_per_node, seq_len, global_batch, dtype, config, top,
+                                       as_json, hardware))
+
+
+@bench_app.command("comm")
+def bench_comm(
+    nproc: int = typer.Option(2, "--nproc", "-n", help="Local ranks (ignored under torchrun)."),
+    ops: str = typer.Option("all", "--ops", help="Comma-separated: all_reduce, all_gather, reduce_scatter, "
+                            "broadcast, send_recv; or all."),
+    min_bytes: str = typer.Option("1K", "--min-bytes", help="Smallest message (e.g. 4, 1K, 1M)."),
+    max_bytes: str = typer.Option("16M", "--max-bytes", help="Largest message."),
+    iters: int = typer.Option(10, "--iters", help="Timed calls per size."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+    out: Optional[Path] = typer.Option(None, "--out", help="Also write the JSON results here."),
+) -> None:
+    """Time collectives over a size sweep (nccl-tests conventions), checking every result."""
+    from scaletrain.debug.cli import bench_comm as run
+
+    raise typer.Exit(run(nproc, ops, min_bytes, max_bytes, iters, as_json, out))
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:

@@ -140,6 +140,8 @@ class DebugConfig:
     hang_timeout: float = _f(300.0, "seconds without progress on any rank before the watchdog writes "
                                     "hang_report.json and stops the job with exit code 3; 0 = watchdog off",
                              minimum=0.0)
+    inject_fault: str = _f("", "fault injection for testing the hang diagnosis: KIND:RANK:STEP with KIND one of "
+                              "extra_collective, fewer_batches, swallow_exception, sleep, kill, slow; empty = none")
     straggler_factor: float = _f(1.5, "a rank whose step time exceeds the median by this factor is reported "
                                       "as a straggler (checked every logging.interval steps); 0 = off",
                                  minimum=0.0)
@@ -289,6 +291,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
+FAULT_KINDS = ("extra_collective", "fewer_batches", "swallow_exception", "sleep", "kill", "slow")
+
+
+def parse_fault(text: str) -> tuple[str, int, int]:
+    """debug.inject_fault = KIND:RANK:STEP -> (kind, rank, step)."""
+    parts = text.split(":")
+    if len(parts) != 3 or parts[0] not in FAULT_KINDS or not parts[1].isdigit() or not parts[2].isdigit():
+        raise UserError(f"debug.inject_fault = {text!r}; allowed: KIND:RANK:STEP with KIND one of "
+                        f"{', '.join(FAULT_KINDS)} (e.g. sleep:1:3)")
+    return parts[0], int(parts[1]), int(parts[2])
+
+
 def validate(cfg: Config) -> None:
     """Per-field bounds and choices, then the relations between fields."""
     for section, cls in _sections().items():
@@ -316,6 +330,8 @@ def validate(cfg: Config) -> None:
                         f"training.micro_batch_size = {t.micro_batch_size}")
     if t.min_lr > t.lr:
         raise UserError(f"training.min_lr = {t.min_lr} exceeds training.lr = {t.lr}")
+    if cfg.debug.inject_fault:
+        parse_fault(cfg.debug.inject_fault)
     for key in ("dp_replicate", "dp_shard", "pp_microbatches", "pp_virtual_stages"):
         value = getattr(p, key)
         if value != -1 and value < 1:

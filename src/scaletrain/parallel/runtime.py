@@ -59,3 +59,23 @@ def init_runtime(timeout_s: float = 1800.0) -> Runtime:
 def shutdown(runtime: Runtime) -> None:
     if runtime.distributed:
         dist.destroy_process_group()
+
+
+def run_local(nproc: int, argv: list[str], max_restarts: int = 0) -> None:
+    """Run ``python -m scaletrain ARGV`` as ``nproc`` local workers through
+    torchrun's own entry point (its elastic agent, standalone rendezvous).
+    Raises torchrun's ChildFailedError when a worker fails."""
+    from torch.distributed.run import get_args_parser, run
+
+    cores = os.cpu_count() or 1
+    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
+    args = get_args_parser().parse_args([
+        "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}", "-m", "scaletrain", *argv])
+    run(args)
+
+
+def max_local_processes() -> int:
+    """Most local workers a tool may start: one per GPU, or 4 per CPU core."""
+    if torch.cuda.is_available():
+        return torch.cuda.device_count()
+    return max(8, 4 * (os.cpu_count() or 1))

@@ -107,10 +107,17 @@ def accum(w: Workload, layout: Layout) -> int:
 
 # ---------------------------------------------------------------- parameters
 
+def _key(model: ModelConfig) -> tuple:
+    return tuple(getattr(model, f.name) for f in _MODEL_FIELDS)
+
+
+_MODEL_FIELDS = dataclasses.fields(ModelConfig)
+
+
 def param_table(model: ModelConfig) -> tuple[tuple[str, tuple[int, ...]], ...]:
     """(name, shape) of every parameter of ``Llama(model)``, in module order,
     built on the meta device (no memory, no process group)."""
-    return _param_table(dataclasses.astuple(model))
+    return _param_table(_key(model))
 
 
 @functools.lru_cache(maxsize=16)
@@ -146,16 +153,23 @@ def _stage_ids(layout: Layout, pp_rank: int) -> list[int]:
     return [pp_rank + k * layout.pp for k in range(layout.virtual_stages)]
 
 
-def stage_param_names(model: ModelConfig, layout: Layout, pp_rank: int) -> set[str] | None:
+def stage_param_names(model: ModelConfig, layout: Layout, pp_rank: int) -> frozenset[str] | None:
     """Parameters on a pipeline rank (None = all of them)."""
     if layout.pp == 1:
         return None
+    return _stage_param_names(_key(model), layout.pp, layout.virtual_stages, layout.pp_schedule,
+                              pp_rank)
+
+
+@functools.lru_cache(maxsize=4096)
+def _stage_param_names(values: tuple, pp: int, virtual: int, schedule: str, pp_rank: int) -> frozenset[str]:
     from scaletrain.parallel.pipeline import stage_layer_ranges
 
-    n_stages = layout.pp * layout.virtual_stages
+    model = ModelConfig(*values)
+    n_stages = pp * virtual
     ranges = stage_layer_ranges(model, n_stages)
     names = set()
-    for s in _stage_ids(layout, pp_rank):
+    for s in _stage_ids(Layout(pp=pp, virtual_stages=virtual, pp_schedule=schedule), pp_rank):
         for name, _ in param_table(model):
             if name.startswith("layers."):
                 if int(name.split(".")[1]) in ranges[s]:
@@ -164,20 +178,18 @@ def stage_param_names(model: ModelConfig, layout: Layout, pp_rank: int) -> set[s
                 names.add(name)
             elif name.startswith(("norm.", "lm_head")) and s == n_stages - 1:
                 names.add(name)
-    return names
+    return frozenset(names)
 
 
 def stage_layers(model: ModelConfig, layout: Layout, pp_rank: int) -> int:
     if layout.pp == 1:
         return model.n_layers
-    from scaletrain.parallel.pipeline import stage_layer_ranges
-
-    ranges = stage_layer_ranges(model, layout.pp * layout.virtual_stages)
-    return sum(len(ranges[s]) for s in _stage_ids(layout, pp_rank))
+    names = stage_param_names(model, layout, pp_rank)
+    return len({name.split(".")[1] for name in names if name.startswith("layers.")})
 
 
 @dataclass(frozen=True)
-class Coord:
+class Coord:  # noqa: D101 - a rank's place in the mesh
     pp: int = 0
     dp_replicate: int = 0
     dp_shard: int = 0
@@ -194,9 +206,17 @@ def coord_of(layout: Layout, rank: int) -> Coord:
     return Coord(rank // layout.dp_replicate, r, s, t)
 
 
-def local_params(model: ModelConfig, layout: Layout, c: Coord) -> list[tuple[str, int, tuple[int, ...]]]:
+def local_params(model: ModelConfig, layout: Layout, c: Coord) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
     """(name, local numel, shape after TP) of this rank's parameters: stage,
     then the TP shard, then FSDP's dim-0 shard over dp_shard."""
+    key = dataclasses.replace(layout, micro_batch=1, pp_microbatches=1, activation_checkpointing="none",
+                              cpu_offload=False)
+    return _local_params(_key(model), key, c)
+
+
+@functools.lru_cache(maxsize=4096)
+def _local_params(values: tuple, layout: Layout, c: Coord) -> tuple[tuple[str, int, tuple[int, ...]], ...]:
+    model = ModelConfig(*values)
     names = stage_param_names(model, layout, c.pp)
     out = []
     for name, shape in param_table(model):
@@ -210,7 +230,7 @@ def local_params(model: ModelConfig, layout: Layout, c: Coord) -> list[tuple[str
         if layout.fsdp and layout.dp_shard > 1:
             shape[0] = _chunk(shape[0], layout.dp_shard, c.dp_shard)
         out.append((name, math.prod(shape), tp_shape))
-    return out
+    return tuple(out)
 
 
 def _zero1_partition(params: list[tuple[str, int, tuple]], n: int, index: int) -> set[str]:
@@ -342,7 +362,7 @@ class Collective:
                 "ranks": self.ranks}
 
 
-def collectives(w: Workload, layout: Layout, c: Coord) -> list[Collective]:
+def collectives(w: Workload, layout: Layout, c: Coord, device_type: str = "cpu") -> list[Collective]:
     """Every collective one rank takes part in during one optimizer step."""
     m, out = w.model, []
     params = local_params(m, layout, c)
@@ -359,7 +379,7 @@ def collectives(w: Workload, layout: Layout, c: Coord) -> list[Collective]:
         if layout.zero_stage == 1:
             out.append(Collective("broadcast", "dp_shard", grad_bytes, layout.dp_shard, layout.dp_shard))
     if layout.fsdp:
-        out += _fsdp_collectives(w, layout, c, n_accum, pmb)
+        out += _fsdp_collectives(w, layout, c, n_accum, pmb, device_type)
     if layout.tp > 1:
         out += _tp_collectives(w, layout, c, n_accum * pmb, tokens, elem)
     if layout.pp > 1:
@@ -427,7 +447,8 @@ def _fsdp_collectives(w: Workload, layout: Layout, c: Coord, n_accum: int, pmb: 
     out = []
     gather_bytes = gather_calls = rs_bytes = rs_calls = 0
     passes = n_accum * pmb
-    for unit in _fsdp_units(w, layout, c, device_type):
+    units = _fsdp_units(w, layout, c, device_type)
+    for unit in units:
         padded = 0
         for name, shape in unit:
             shape = list(shape)
@@ -435,7 +456,7 @@ def _fsdp_collectives(w: Workload, layout: Layout, c: Coord, n_accum: int, pmb: 
             if dim is not None:
                 shape[dim] = _chunk(shape[dim], layout.tp, c.tp)
             padded += -(-shape[0] // shard) * shard * math.prod(shape[1:])
-        is_block = unit[0][0].startswith("layers.") and len(_fsdp_units(w, layout, c, device_type)) > 1
+        is_block = unit[0][0].startswith("layers.") and len(units) > 1
         gathers = passes * (2 if layout.zero_stage == 3 and is_block else 1)
         if shard > 1:
             gather_bytes += gathers * padded * elem
@@ -590,15 +611,16 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     optimizer_bytes = 0 if layout.cpu_offload else states["optimizer_bytes"] * 1.75 + states["params_bytes"] * 2
     memory_s = (elementwise_bytes + optimizer_bytes) / (dev.hbm_gbps * 1e9)
     est.compute_s = matmul_s + memory_s
-    est.bubble = formulas.pipeline_bubble(layout.pp, layout.pp_microbatches * accum(w, layout),
-                                          layout.virtual_stages, layout.pp_schedule)
+    # Each accumulation micro-step is its own pipeline pass (fill and drain).
+    est.bubble = formulas.pipeline_bubble(layout.pp, layout.pp_microbatches, layout.virtual_stages,
+                                          layout.pp_schedule)
     compute_total = est.compute_s / (1 - est.bubble)
 
-    colls = collectives(w, layout, c0)
-    est.comm = [col.as_dict() for col in colls]
+    colls = collectives(w, layout, c0, device_type)
+    est.comm = []
     times = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
     for col in colls:
-        bw, lat = _link(cluster, layout, col.group)
+        bw, lat, link = _link(cluster, layout, col.group)
         if col.kind == "all_reduce":
             t = formulas.ring_all_reduce_time(col.bytes, col.ranks, bw, lat * col.calls / max(col.calls, 1))
             t += (col.calls - 1) * 2 * (col.ranks - 1) * lat
@@ -609,13 +631,14 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
         elif col.kind == "send":
             t = formulas.p2p_time(col.bytes, bw, lat * col.calls)
         else:
-            continue  # recv: the same transfers as the peer's send
+            t = 0.0  # recv: the same transfers as the peer's send
         key = "tp" if col.group == "tp" else "pp" if col.group == "pp" else "dp"
         times[key] += t
+        est.comm.append({**col.as_dict(), "link": link, "time_s": t})
     est.comm_time_s = times
     backward_s = compute_total * 2 / 3
     exposed_dp = max(0.0, times["dp"] - dev.overlap * backward_s)
-    exposed_tp = times["tp"] if device_type != "cuda" else times["tp"] * 0.5
+    exposed_tp = times["tp"]  # on the critical path of every block
     offload_s = 0.0
     if layout.cpu_offload:  # parameters down, gradients up over PCIe, optimizer step on the host
         offload_s = states["params_bytes"] * 2 / (25e9) + states["optimizer_bytes"] * 2 / 50e9
@@ -634,5 +657,5 @@ def _link(cluster: Cluster, layout: Layout, group: str) -> tuple[float, float]:
     size = {"tp": layout.tp, "dp_shard": layout.dp_shard, "dp_replicate": layout.dp_replicate, "pp": layout.pp}
     d = cluster.device
     if inner[group] * size[group] <= cluster.gpus_per_node:
-        return d.intra_gbps * 1e9, d.intra_latency_us * 1e-6
-    return d.inter_gbps * 1e9, d.inter_latency_us * 1e-6
+        return d.intra_gbps * 1e9, d.intra_latency_us * 1e-6, f"intra-node ({d.intra})"
+    return d.inter_gbps * 1e9, d.inter_latency_us * 1e-6, f"inter-node ({d.inter})"

@@ -26,7 +26,7 @@ from scaletrain.data import prepare_corpus
 from scaletrain.errors import UserError
 from scaletrain.parallel import ParallelDims
 from scaletrain.parallel.data_parallel import check_offload
-from scaletrain.parallel.runtime import init_runtime, shutdown, under_launcher
+from scaletrain.parallel.runtime import init_runtime, run_local, shutdown, under_launcher
 from scaletrain.train.trainer import Trainer, check_data, grad_accum_steps, resolve_vocab
 
 
@@ -71,20 +71,14 @@ def train(config_path: str | None, overrides: list[str], nproc: int, run_dir: Pa
 def launch_workers(run_dir: Path, nproc: int, max_restarts: int = 0) -> int:
     from torch.distributed.elastic.multiprocessing.api import SignalException
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
-    from torch.distributed.run import get_args_parser, run
 
-    cores = os.cpu_count() or 1
-    os.environ.setdefault("OMP_NUM_THREADS", str(max(1, cores // nproc)))
-    args = get_args_parser().parse_args([
-        "--standalone", f"--nproc-per-node={nproc}", f"--max-restarts={max_restarts}",
-        "-m", "scaletrain", "train", "--config", str(run_dir / "config.toml"), "--run-dir", str(run_dir),
-    ])
     started = time.time()
     try:
-        run(args)
+        run_local(nproc, ["train", "--config", str(run_dir / "config.toml"), "--run-dir", str(run_dir)],
+                  max_restarts)
     except ChildFailedError as exc:
         codes = {failure.exitcode for failure in exc.failures.values()}
-        return 2 if codes == {2} else 1
+        return 2 if codes == {2} else 3 if 3 in codes else 1
     except SignalException as exc:
         # SIGTERM/SIGINT to this process: torchrun's agent passed it on to the
         # workers and waited for them; they finish the step, checkpoint, write
@@ -126,6 +120,7 @@ def run_worker(cfg: Config, run_dir: Path | None, exit_hard: bool = True) -> int
     as a failure."""
     runtime = init_runtime()
     code = 1
+    trainer = None
     try:
         if runtime.rank != 0:
             sys.stdout = _RankPrefixWriter(sys.stdout, f"[rank{runtime.rank}] ")
@@ -144,10 +139,14 @@ def run_worker(cfg: Config, run_dir: Path | None, exit_hard: bool = True) -> int
     except CheckpointError as exc:
         print(f"error: {exc}", file=sys.stderr)
         code = 1
-    except Exception:
+    except Exception as exc:
         traceback.print_exc()
         code = 1
+        if trainer is not None and trainer.watchdog is not None:
+            trainer.watchdog.on_failure(exc)  # names a dead or out-of-step peer (exits 3), else returns
     finally:
+        if trainer is not None and trainer.watchdog is not None:
+            trainer.watchdog.stop()
         if exit_hard:
             sys.stdout.flush()
             sys.stderr.flush()

@@ -25,8 +25,9 @@ from torch.distributed.tensor.parallel import loss_parallel
 from torch.nn.parallel import DistributedDataParallel
 
 from scaletrain.checkpoint import CheckpointManager, find_resume_dir
-from scaletrain.config import Config, pipeline_microbatches
+from scaletrain.config import Config, parse_fault, pipeline_microbatches
 from scaletrain.data import DistributedBatchSampler, SequenceDataset, TokenCorpus, prepare_corpus
+from scaletrain.debug.watchdog import Watchdog
 from scaletrain.errors import UserError
 from scaletrain.model import Llama, cross_entropy_loss, generate, param_count, train_flops_per_token
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
@@ -109,6 +110,11 @@ class Trainer:
         self.measured: dict | None = None  # debug.measure_step's profile of this rank
         self.checkpoints = CheckpointManager(self) if cfg.checkpoint.enable else None
         self.resumed_from = self._restore()
+        self.fault = parse_fault(cfg.debug.inject_fault) if cfg.debug.inject_fault else None
+        self.forward_times: list[float] = []  # per step: data + first forward, for straggler detection
+        self.watchdog: Watchdog | None = None
+        if runtime.distributed and cfg.debug.hang_timeout > 0:
+            self.watchdog = Watchdog(runtime.rank, runtime.world_size, run_dir, cfg.debug.hang_timeout).start()
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(runtime.device, cfg.training.dtype)
@@ -148,10 +154,13 @@ class Trainer:
     def train_step(self) -> dict:
         """One optimizer step; returns its metrics (loss averaged over the global batch)."""
         start = time.perf_counter()
+        self._phase("data")
+        self._inject("start")
         t = self.cfg.training
         indices = self.sampler.next_batch()
         device = self.runtime.device
         loss_sum = torch.zeros((), device=device)
+        self._phase("forward_backward")
         for micro in range(self.accum):
             inputs, targets = self.dataset.batch(indices[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size])
             inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
@@ -164,6 +173,8 @@ class Trainer:
                 # Gradients are reduced once, on the last micro-step.
                 with self.model.gradient_sync(micro == self.accum - 1):
                     loss = self._loss_fn(self.model(inputs), targets)
+                    if micro == 0:
+                        self.forward_times.append(time.perf_counter() - start)
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
             loss_sum += _local(loss.detach())
         if self.scaler:
@@ -171,7 +182,9 @@ class Trainer:
         measure_memory = self.memory is None  # the first step this process runs
         if measure_memory:
             self.memory = self._state_bytes(count_grads=True)
+        self._phase("grad_norm")
         grad_norm = clip_grad_norm(self.model, t.grad_clip if t.grad_clip > 0 else float("inf"))
+        self._phase("optimizer")
         lr = self.scheduler.get_last_lr()[0]
         if self.scaler:
             self.scaler.step(self.optimizer)
@@ -182,7 +195,9 @@ class Trainer:
         if measure_memory:
             self.memory.update(self._state_bytes(count_grads=False))
         self.optimizer.zero_grad(set_to_none=True)
+        self._phase("loss_all_reduce")
         loss_value = self._global_loss(loss_sum)  # synchronizes, so the step time below is real
+        self._inject("after_loss")
         step_time = time.perf_counter() - start
         self.step += 1
         flops_per_s = self.flops_per_token * self.tokens_per_step / step_time
@@ -198,6 +213,47 @@ class Trainer:
             "flops_per_s_per_device": flops_per_s / self.runtime.world_size,
             "mfu": flops_per_s / self.runtime.world_size / self.peak_flops if self.peak_flops else None,
         }
+
+    def _phase(self, name: str, step: int | None = None) -> None:
+        """Tell the watchdog what this rank does now (default: working on the next step)."""
+        if self.watchdog is not None:
+            self.watchdog.set(self.step + 1 if step is None else step, name)
+
+    def _inject(self, point: str) -> None:
+        """debug.inject_fault: the classic ways a distributed job hangs, on one rank at one step."""
+        if self.fault is None:
+            return
+        kind, rank, step = self.fault
+        if self.runtime.rank != rank or self.step + 1 < step:
+            return
+        at_step = self.step + 1 == step
+        if point == "start" and kind == "slow":
+            time.sleep(0.2)
+        elif point == "start" and at_step and kind == "sleep":
+            time.sleep(3600)
+        elif point == "start" and at_step and kind == "kill":
+            os.kill(os.getpid(), signal.SIGKILL)
+        elif point == "start" and at_step and kind == "swallow_exception":
+            raise _InjectedError(f"injected failure on rank {rank} at step {step}")
+        elif point == "after_loss" and at_step and kind == "extra_collective":
+            dist.all_reduce(torch.zeros(1, device=self.runtime.device))  # only this rank calls it
+
+    def _stragglers(self) -> list[dict]:
+        """Ranks whose data + first-forward time (before any gradient
+        synchronization makes the ranks wait for each other) over the last
+        logging interval exceeds the median by debug.straggler_factor."""
+        mine = sum(self.forward_times) / max(1, len(self.forward_times))
+        self.forward_times.clear()
+        factor = self.cfg.debug.straggler_factor
+        if not self.runtime.distributed or factor <= 0:
+            return []
+        local = torch.tensor([mine], dtype=torch.float64, device=self.runtime.device)
+        times = torch.empty(self.runtime.world_size, dtype=torch.float64, device=self.runtime.device)
+        dist.all_gather_into_tensor(times, local)
+        times = times.tolist()
+        median = sorted(times)[len(times) // 2]
+        return [{"rank": r, "forward_s": t, "ratio": t / median} for r, t in enumerate(times)
+                if median > 0 and t > factor * median]
 
     def _global_loss(self, loss_sum: torch.Tensor) -> float:
         """Mean over the global batch: the last pipeline stage holds it; the
@@ -249,23 +305,42 @@ class Trainer:
                                   line_every=max(cfg.logging.interval, cfg.training.steps // 10))
         records, start = [], time.perf_counter()
         stop = _StopRequest()
+        last_step = cfg.training.steps
+        if self.fault and self.fault[0] == "fewer_batches" and self.fault[1] == self.runtime.rank:
+            last_step = self.fault[2] - 1  # this rank's data runs out one batch early
         try:
-            while self.step < cfg.training.steps:
+            while self.step < last_step:
                 if self.step + 1 == cfg.debug.measure_step:
                     with StepProbe(self.runtime.device, self._live_state_bytes()) as probe:
                         record = self.train_step()
                     self.measured = probe.result()
                 else:
-                    record = self.train_step()
+                    try:
+                        record = self.train_step()
+                    except _InjectedError as exc:  # the classic bug: one rank catches an error and moves on
+                        print(f"[rank{self.runtime.rank}] skipping step {self.step + 1}: {exc}", file=sys.stderr)
+                        self.step += 1
+                        continue
                 records.append(record)
                 if self.step % cfg.logging.interval == 0 or self.step == cfg.training.steps:
+                    self._phase("straggler_check", self.step)
+                    stragglers = self._stragglers()
+                    if stragglers:
+                        record["stragglers"] = stragglers
+                        if main:
+                            print("straggler(s) at step {}: {}".format(self.step, ", ".join(
+                                f"rank {s['rank']} {s['ratio']:.1f}x the median data+forward time"
+                                for s in stragglers)), file=sys.stderr)
                     writer.write(record)
                 display.update(self.step, record)
+                self._phase("stop_check", self.step)
                 if self._agree_to_stop(stop.requested or self.step == cfg.debug.stop_at_step):
                     break
                 interval = cfg.checkpoint.interval
                 if self.checkpoints and interval and self.step % interval == 0 and self.step < cfg.training.steps:
+                    self._phase("checkpoint", self.step)
                     self.checkpoints.save(self.step)
+            self._phase("final_checkpoint", self.step)
             if self.checkpoints:
                 self.checkpoints.save(self.step, blocking=True)
                 self.checkpoints.wait()
@@ -277,6 +352,7 @@ class Trainer:
         summary = self._summary(records, elapsed)
         summary["stopped_early"] = self.step < cfg.training.steps
         summary["resumed_from"] = self.resumed_from
+        self._phase("final_state_dict", self.step)
         state = self.model.full_state_dict()  # a collective: every rank takes part
         memory = [None] * self.runtime.world_size if self.runtime.distributed else None
         if memory is not None:
@@ -350,6 +426,10 @@ class Trainer:
         save_file(state, str(tmp), metadata={"step": str(self.step)})
         os.replace(tmp, self.run_dir / "model.safetensors")
         (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+
+
+class _InjectedError(RuntimeError):
+    """debug.inject_fault = swallow_exception:RANK:STEP."""
 
 
 class _StopRequest:

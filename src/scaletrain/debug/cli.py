@@ -1,0 +1,101 @@
+"""``scaletrain bench comm`` and ``scaletrain doctor``: parse, launch, print."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from scaletrain.errors import UserError
+from scaletrain.parallel.runtime import max_local_processes, under_launcher
+
+_UNITS = {"": 1, "B": 1, "K": 2**10, "KB": 2**10, "M": 2**20, "MB": 2**20, "G": 2**30, "GB": 2**30}
+
+
+def parse_bytes(text: str, option: str) -> int:
+    t = text.strip().upper()
+    digits = t.rstrip("KMGB")
+    unit = t[len(digits):]
+    if not digits.isdigit() or unit not in _UNITS:
+        raise UserError(f"{option} {text!r}; allowed: a byte count such as 4, 64K, 16M or 1G")
+    return int(digits) * _UNITS[unit]
+
+
+def check_nproc(nproc: int, minimum: int = 1) -> None:
+    most = max_local_processes()
+    if nproc < minimum or nproc > most:
+        raise UserError(f"--nproc = {nproc}; allowed: {minimum} to {most} on this machine")
+
+
+def bench_comm(nproc: int, ops: str, min_bytes: str, max_bytes: str, iters: int, as_json: bool,
+               out: Path | None) -> int:
+    from scaletrain.debug.commbench import OPS, sizes_between
+
+    selected = list(OPS) if ops == "all" else [o.strip() for o in ops.split(",")]
+    unknown = [o for o in selected if o not in OPS]
+    if unknown:
+        raise UserError(f"--ops: unknown {', '.join(unknown)}; allowed: {', '.join(OPS)} or all")
+    low, high = parse_bytes(min_bytes, "--min-bytes"), parse_bytes(max_bytes, "--max-bytes")
+    if low > high:
+        raise UserError(f"--min-bytes {min_bytes} is larger than --max-bytes {max_bytes}")
+    if iters < 1:
+        raise UserError(f"--iters = {iters}; allowed: 1 or more")
+    if not under_launcher():
+        check_nproc(nproc, minimum=2)
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        from scaletrain.parallel.runtime import run_local
+
+        argv = ["bench", "comm", "--ops", ",".join(selected), "--min-bytes", str(low), "--max-bytes", str(high),
+                "--iters", str(iters)] + (["--json"] if as_json else []) + (["--out", str(out)] if out else [])
+        try:
+            run_local(nproc, argv)
+        except ChildFailedError as exc:
+            print(f"error: bench comm failed on rank(s) {sorted(exc.failures)}")
+            return 1
+        return 0
+    return _bench_worker(selected, sizes_between(low, high), iters, as_json, out)
+
+
+def _bench_worker(ops: list[str], sizes: list[int], iters: int, as_json: bool, out: Path | None) -> int:
+    import torch.distributed as dist
+
+    from scaletrain.debug.commbench import run_bench
+    from scaletrain.parallel.runtime import init_runtime, shutdown
+
+    runtime = init_runtime(timeout_s=300)
+    try:
+        results = run_bench(ops, sizes, iters, runtime.device)
+        if runtime.is_main:
+            backend = dist.get_backend()
+            payload = {"backend": backend, "ranks": runtime.world_size, "results": results}
+            if out:
+                out.write_text(json.dumps(payload, indent=1))
+            if as_json:
+                print(json.dumps(payload, indent=1))
+            else:
+                _print_results(payload)
+        wrong = [r for r in results if not r["correct"]]
+        return 1 if wrong else 0
+    finally:
+        shutdown(runtime)
+
+
+def _print_results(payload: dict) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"{payload['backend']} collectives over {payload['ranks']} ranks "
+                        "(time = slowest rank; busbw per nccl-tests)")
+    for col in ("op", "size", "time us", "algbw GB/s", "busbw GB/s", "check"):
+        table.add_column(col, justify="right")
+    for r in payload["results"]:
+        table.add_row(r["op"], _human(r["bytes"]), f"{r['time_us']:.1f}", f"{r['algbw_gbps']:.3f}",
+                      f"{r['busbw_gbps']:.3f}", "ok" if r["correct"] else "WRONG RESULT")
+    Console(width=120).print(table)
+
+
+def _human(n: int) -> str:
+    for unit, size in (("G", 2**30), ("M", 2**20), ("K", 2**10)):
+        if n >= size and n % size == 0:
+            return f"{n // size}{unit}"
+    return str(n)
