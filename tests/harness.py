@@ -30,11 +30,11 @@ def cli_env(**extra: str) -> dict[str, str]:
 
 
 def run_cli(args: list[str], timeout: float = DEFAULT_TIMEOUT_S, cwd: Path | None = None,
-            launcher: list[str] | None = None) -> subprocess.CompletedProcess:
+            launcher: list[str] | None = None, env_extra: dict | None = None) -> subprocess.CompletedProcess:
     """``python -m scaletrain <args>`` (or under ``launcher``, e.g. torchrun) with a hard timeout."""
     cmd = [sys.executable, *(launcher or ["-m"]), "scaletrain", *args]
     try:
-        return subprocess.run(cmd, env=cli_env(), cwd=cwd, capture_output=True, text=True, timeout=timeout)
+        return subprocess.run(cmd, env=cli_env(**(env_extra or {})), cwd=cwd, capture_output=True, text=True, timeout=timeout)
     except subprocess.TimeoutExpired as exc:
         raise AssertionError(f"timed out after {timeout}s (deadlock?): {' '.join(cmd)}\n"
                              f"stdout:\n{exc.stdout}\nstderr:\n{exc.stderr}") from None

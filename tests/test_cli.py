@@ -34,7 +34,8 @@ def test_command_surface_is_frozen():
     import typer
 
     command = typer.main.get_command(app)
-    assert set(command.commands) == {"train", "config", "checkpoint"}
+    assert set(command.commands) == {"train", "config", "checkpoint", "plan", "doctor", "bench"}
+    assert set(command.commands["bench"].commands) == {"comm"}
     assert set(command.commands["config"].commands) == {"show", "keys"}
     assert set(command.commands["checkpoint"].commands) == {"inspect", "export", "import"}
     assert {p.name for p in command.commands["train"].params} == {"config", "set_", "nproc", "run_dir",

@@ -136,6 +136,21 @@ def plan(
                                        as_json, hardware))
 
 
+@app.command()
+def doctor(
+    nproc: int = typer.Option(1, "--nproc", "-n", help="Local ranks to check (ignored under torchrun)."),
+    check: Optional[str] = typer.Option(None, "--check", help="Comma-separated checks (default: all): versions, "
+                                        "devices, shm, disk, rendezvous, env, gpu_health, all_reduce."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    directory: Path = typer.Option(Path("runs"), "--dir", help="Where checkpoints will go (free-disk check)."),
+    master: Optional[str] = typer.Option(None, "--master", help="HOST:PORT of a rendezvous to test reaching."),
+) -> None:
+    """Check the environment of a distributed job: PASS / WARN / FAIL with the fix."""
+    from scaletrain.debug.cli import doctor as run
+
+    raise typer.Exit(run(nproc, check, as_json, directory, master))
+
+
 @bench_app.command("comm")
 def bench_comm(
     nproc: int = typer.Option(2, "--nproc", "-n", help="Local ranks (ignored under torchrun)."),

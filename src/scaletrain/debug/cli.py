@@ -99,3 +99,74 @@ def _human(n: int) -> str:
         if n >= size and n % size == 0:
             return f"{n // size}{unit}"
     return str(n)
+
+
+def doctor(nproc: int, checks: str | None, as_json: bool, directory: Path, master: str | None) -> int:
+    from scaletrain.debug.doctor import CHECKS
+
+    names = list(CHECKS) if not checks else [c.strip() for c in checks.split(",")]
+    unknown = [c for c in names if c not in CHECKS]
+    if unknown:
+        raise UserError(f"--check: unknown check {', '.join(unknown)}; allowed: {', '.join(CHECKS)}")
+    if master:
+        from scaletrain.debug.doctor import reachable
+
+        host, _, port = master.rpartition(":")
+        if not host or not port.isdigit():
+            raise UserError(f"--master {master!r}; allowed: HOST:PORT")
+        if not reachable(host, int(port)):
+            raise UserError(f"--master {master}: cannot reach {host}:{port} within 3 s (is rank 0's rendezvous "
+                            "up? firewall? MASTER_ADDR/MASTER_PORT)")
+    if not under_launcher() and nproc > 1:
+        check_nproc(nproc)
+        from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
+
+        from scaletrain.parallel.runtime import run_local
+
+        argv = ["doctor", "--check", ",".join(names), "--dir", str(directory)] + (["--json"] if as_json else [])
+        try:
+            run_local(nproc, argv)
+        except ChildFailedError as exc:
+            codes = {f.exitcode for f in exc.failures.values()}
+            return 1 if codes <= {1} else 1
+        return 0
+    check_nproc(nproc)
+    return _doctor_worker(names, as_json, directory, master)
+
+
+def _doctor_worker(names: list[str], as_json: bool, directory: Path, master: str | None) -> int:
+    import torch.distributed as dist
+
+    from scaletrain.debug.doctor import merge_ranks, run_checks, single_process_group
+    from scaletrain.parallel.runtime import init_runtime, shutdown
+
+    runtime = init_runtime(timeout_s=60)
+    alone = not runtime.distributed
+    if alone and "all_reduce" in names:
+        single_process_group()
+    try:
+        mine = run_checks(names, directory, master, runtime.device)
+        if runtime.distributed:
+            gathered = [None] * runtime.world_size
+            dist.all_gather_object(gathered, mine)
+        else:
+            gathered = [mine]
+        results = merge_ranks(gathered)
+        failed = any(r["status"] == "FAIL" for r in results)
+        if runtime.is_main:
+            if as_json:
+                print(json.dumps({"world_size": runtime.world_size, "checks": results}, indent=1))
+            else:
+                colors = {"PASS": "green", "WARN": "yellow", "FAIL": "red"}
+                from rich.console import Console
+
+                console = Console(width=160)
+                console.print(f"scaletrain doctor: {runtime.world_size} rank(s)")
+                for r in results:
+                    fix = f"\n        fix: {r['fix']}" if r["fix"] and r["status"] != "PASS" else ""
+                    console.print(f"[{colors[r['status']]}]{r['status']:4}[/] {r['name']:<11} {r['detail']}{fix}")
+        return 1 if failed else 0
+    finally:
+        if alone and dist.is_initialized():
+            dist.destroy_process_group()
+        shutdown(runtime)

@@ -286,6 +286,10 @@ def diagnose(trigger: str, beats: dict[int, dict], dumps: dict[int, dict], world
                      "iterations (uneven data: one batch fewer or more; a rank that skipped a step)")
         else:
             odd = [e for e in present if e["collectives"] != common_count]
+            phases = Counter(e["phase"] for e in present)
+            common_phase = phases.most_common(1)[0][0]
+            off_phase = [e["rank"] for e in present if e["phase"] != common_phase]
+            outside = [e["rank"] for e in present if not e.get("in_collective")]
             if odd and len(odd) < len(present):
                 suspects = [e["rank"] for e in odd]
                 parts = []
@@ -304,8 +308,13 @@ def diagnose(trigger: str, beats: dict[int, dict], dumps: dict[int, dict], world
                                      f"a collective: stuck in its own code at {e.get('at')} (a long computation, "
                                      "sleep, I/O or lock on that rank)")
                 cause = "; ".join(parts)
+            elif off_phase and len(off_phase) < len(present) and phases[common_phase] > 1:
+                suspects = off_phase
+                cause = "; ".join(
+                    f"rank {r} is in phase {ranks[r]['phase']} ({ranks[r].get('at')}) while the others are in "
+                    f"{common_phase} of the same step: the ranks' control flow diverged (a step skipped after a "
+                    "caught exception, an early exit or break on one rank)" for r in off_phase)
             else:
-                outside = [e["rank"] for e in present if not e.get("in_collective")]
                 if outside and len(outside) < len(present):
                     suspects = outside
                     cause = "; ".join(f"rank {r} is outside any collective at {ranks[r].get('at')} while the others "
