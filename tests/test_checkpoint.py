@@ -193,3 +193,36 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, debug_config):
     assert result.losses == whole.losses
     for name, value in whole.params.items():
         assert torch.equal(result.params[name], value), name
+
+
+def test_dcp_metadata_is_never_unpickled_blindly(tmp_path):
+    """A real DCP checkpoint reads through SafeReader; a .metadata that names
+    a callable (here os.system) is refused before anything runs."""
+    import pickle
+
+    import torch
+    import torch.distributed.checkpoint as dcp
+
+    from scaletrain.checkpoint.safe_reader import SafeReader, UnsafeCheckpoint
+
+    good = tmp_path / "good"
+    dcp.save({"w": torch.ones(3, dtype=torch.bfloat16), "b": torch.zeros(2, 2)}, checkpoint_id=str(good),
+             no_dist=True)
+    assert set(SafeReader(str(good)).read_metadata().state_dict_metadata) == {"w", "b"}
+    loaded = {"w": torch.zeros(3, dtype=torch.bfloat16), "b": torch.ones(2, 2)}
+    dcp.load(loaded, storage_reader=SafeReader(str(good)), no_dist=True)
+    assert torch.equal(loaded["w"], torch.ones(3, dtype=torch.bfloat16))
+
+    marker = tmp_path / "pwned"
+
+    class Payload:
+        def __reduce__(self):
+            import os
+            return (os.system, (f"touch {marker}",))
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / ".metadata").write_bytes(pickle.dumps(Payload()))
+    with pytest.raises(UnsafeCheckpoint, match="refusing to unpickle"):
+        SafeReader(str(bad)).read_metadata()
+    assert not marker.exists()

@@ -17,7 +17,7 @@ PUBLIC_KEYS = {
     "parallel": ["dp_replicate", "dp_shard", "tp", "pp", "zero_stage", "sequence_parallel", "pp_schedule",
                  "pp_microbatches", "pp_virtual_stages", "cpu_offload", "ddp_bucket_cap_mb"],
     "checkpoint": ["enable", "dir", "interval", "keep_last", "async", "resume", "init_from", "on_error"],
-    "debug": ["stop_at_step"],
+    "debug": ["stop_at_step", "measure_step", "hang_timeout", "inject_fault", "straggler_factor"],
     "logging": ["interval", "sample_tokens"],
 }
 

@@ -117,7 +117,7 @@ def test_predictions_match_the_trainer(tmp_path, debug_config, corpus_dir, cache
     for name in names:
         layout = dict(LAYOUTS)[name]
         run_dir = tmp_path / name.replace(" ", "_").replace("+", "")
-        case = run_case(name, layout, settings, steps=3, run_dir=run_dir, timeout=240)
+        case = run_case(name, layout, settings, steps=4, run_dir=run_dir, timeout=240)
         for row in compare(case, run_dir, device):
             assert row["states_predicted"] == row["states_measured"], row
             assert row["collectives_predicted"] == row["collectives_measured"], row

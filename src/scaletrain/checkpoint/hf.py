@@ -16,6 +16,7 @@ import torch.distributed.checkpoint as dcp
 from safetensors.torch import load_file, save_file
 
 from scaletrain.checkpoint.manifest import seal, verify
+from scaletrain.checkpoint.safe_reader import SafeReader
 from scaletrain.config import Config, ModelConfig, load_config, validate
 from scaletrain.errors import UserError
 from scaletrain.model import Llama
@@ -60,7 +61,7 @@ def load_checkpoint_model(ckpt_dir: Path) -> tuple[Config, Llama]:
     cfg = load_config(ckpt_dir / "config.toml")
     model = Llama(cfg.model)
     params = {f"model.{name}": p.detach() for name, p in model.named_parameters()}
-    dcp.load(params, checkpoint_id=str(ckpt_dir), no_dist=True)
+    dcp.load(params, storage_reader=SafeReader(str(ckpt_dir)), no_dist=True)
     return cfg, model
 
 

@@ -16,9 +16,9 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
-from torch.distributed.checkpoint import FileSystemReader
 
 from scaletrain.checkpoint.manifest import read_manifest, seal, step_dir_name, step_dirs, verify
+from scaletrain.checkpoint.safe_reader import SafeReader
 from scaletrain.checkpoint.state import (init_optimizer_state, model_state, optimizer_state, rng_state,
                                          set_rng_state)
 from scaletrain.errors import UserError
@@ -194,14 +194,14 @@ class CheckpointManager:
         info = json.loads((ckpt_dir / "train_state.json").read_text())
         check_model_matches(info["config"]["model"], t.cfg)
         init_optimizer_state(t.optimizer)
-        stored = set(FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
+        stored = set(SafeReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
         state = {**model_state(t.model), **optimizer_state(t.model, t.optimizer)}
         missing = sorted(set(state) - stored)
         if missing:
             raise UserError(f"checkpoint {ckpt_dir} lacks {len(missing)} tensors this run needs, e.g. {missing[0]}")
         rng = {k: v for k, v in rng_state(self.runtime.rank).items() if k in stored}
         state.update(rng)
-        dcp.load(state, checkpoint_id=str(ckpt_dir), no_dist=not self.runtime.distributed)
+        dcp.load(state, storage_reader=SafeReader(str(ckpt_dir)), no_dist=not self.runtime.distributed)
         set_rng_state(rng, self.runtime.rank)
         t.sampler.load_state_dict(info["sampler"])
         t.scheduler.load_state_dict(info["scheduler"])
@@ -219,7 +219,8 @@ class CheckpointManager:
             raise UserError(f"checkpoint.init_from = {str(ckpt_dir)!r} is not a valid checkpoint: {problem}")
         info = json.loads((ckpt_dir / "train_state.json").read_text())
         check_model_matches(info["config"]["model"], t.cfg)
-        dcp.load(model_state(t.model), checkpoint_id=str(ckpt_dir), no_dist=not self.runtime.distributed)
+        dcp.load(model_state(t.model), storage_reader=SafeReader(str(ckpt_dir)),
+                 no_dist=not self.runtime.distributed)
 
 
 def check_model_matches(saved: dict, cfg) -> None:
@@ -239,7 +240,7 @@ def describe(ckpt_dir: Path) -> dict:
         out.update(step=manifest.get("step"), layout=manifest.get("layout"), zero_stage=manifest.get("zero_stage"),
                    bytes=sum(f["bytes"] for f in manifest["files"].values()), files=len(manifest["files"]))
     try:
-        metadata = FileSystemReader(str(ckpt_dir)).read_metadata().state_dict_metadata
+        metadata = SafeReader(str(ckpt_dir)).read_metadata().state_dict_metadata
         out["tensors"] = {key: list(getattr(meta, "size", ())) for key, meta in sorted(metadata.items())}
     except Exception as exc:  # unreadable metadata is reported, not raised
         out["tensors_error"] = str(exc)

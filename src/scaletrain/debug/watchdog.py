@@ -290,7 +290,18 @@ def diagnose(trigger: str, beats: dict[int, dict], dumps: dict[int, dict], world
             common_phase = phases.most_common(1)[0][0]
             off_phase = [e["rank"] for e in present if e["phase"] != common_phase]
             outside = [e["rank"] for e in present if not e.get("in_collective")]
-            if odd and len(odd) < len(present):
+            top = max(e["collectives"] for e in present)
+            low = min(e["collectives"] for e in present)
+            # The furthest-behind rank(s), not waiting in a collective: the others
+            # went ahead (collectives issued from C++, e.g. DDP's, count too) and wait.
+            stuck = [e for e in present if e["collectives"] == low < top and not e.get("in_collective")]
+            if stuck and len(stuck) < len(present):  # the others went ahead and now wait for them
+                suspects = [e["rank"] for e in stuck]
+                cause = "; ".join(
+                    f"rank {e['rank']} is behind by {top - e['collectives']} collective(s) and not in a collective: "
+                    f"stuck in its own code at {e.get('at')} (a long computation, sleep, I/O or lock on that rank)"
+                    for e in stuck)
+            elif odd and len(odd) < len(present):
                 suspects = [e["rank"] for e in odd]
                 parts = []
                 for e in odd:

@@ -51,8 +51,20 @@ def init_runtime(timeout_s: float = 1800.0) -> Runtime:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
-    dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s),
-                            device_id=device if device.type == "cuda" else None)
+    device_id = device if device.type == "cuda" else None
+    restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
+    if restart == 0:
+        dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), device_id=device_id)
+    else:
+        # After an elastic restart the agent's store still holds the previous
+        # attempt's keys (gloo's peer addresses among them): a new worker could
+        # dial a dead peer ("Connection refused"). Each attempt gets its own prefix.
+        from torch.distributed.rendezvous import rendezvous
+
+        store, rank, world_size = next(rendezvous("env://", timeout=timedelta(seconds=timeout_s)))
+        dist.init_process_group(backend=backend, store=dist.PrefixStore(f"scaletrain/attempt_{restart}/", store),
+                                rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
+                                device_id=device_id)
     return Runtime(rank, world_size, local_rank, device)
 
 

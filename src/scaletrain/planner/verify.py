@@ -47,7 +47,7 @@ class Case:
 def run_case(name: str, layout: Layout, settings: list[str], steps: int, run_dir: Path, timeout: float = 600) -> Case:
     layout = _with_micro_batch(layout, settings)
     nproc = layout.world
-    measure = min(3, steps)
+    measure = min(3, steps)  # after DDP's bucket rebuild (step 2)
     cmd = [sys.executable, "-m", "scaletrain", "train", "--nproc", str(nproc), "--run-dir", str(run_dir)]
     for item in settings + layout.config_overrides() + [f"training.steps={steps}", f"debug.measure_step={measure}"]:
         cmd += ["--set", item]
@@ -94,14 +94,17 @@ def compare(case: Case, run_dir: Path, device: Device) -> list[dict]:
 def step_time(case: Case, run_dir: Path, cluster: Cluster) -> dict:
     w = workload_of(run_dir / "config.toml")
     est = estimate(w, case.layout, cluster, device_type="cpu")
-    measured = case.summary["tokens_per_s"]
+    # The median step after the profiled one (the profiler slows the step it records).
+    records = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    times = sorted(r["step_time_s"] for r in records if r["step"] > 3)
+    measured = w.global_batch * w.seq_len / times[len(times) // 2]
     return {"layout": case.name, "predicted_tokens_per_s": est.tokens_per_s, "measured_tokens_per_s": measured,
             "predicted_step_s": est.step_time_s,
             "measured_step_s": w.global_batch * w.seq_len / measured,
             "ratio": est.tokens_per_s / measured}
 
 
-def verify(device: Device, names: list[str] | None = None, steps: int = 6, settings: list[str] | None = None,
+def verify(device: Device, names: list[str] | None = None, steps: int = 10, settings: list[str] | None = None,
            keep: Path | None = None, progress=print) -> dict:
     settings = settings or VERIFY_SETTINGS
     selected = [(n, l) for n, l in LAYOUTS if names is None or n in names]

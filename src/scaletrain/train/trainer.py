@@ -13,6 +13,7 @@ import dataclasses
 import json
 import os
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -251,7 +252,7 @@ class Trainer:
         times = torch.empty(self.runtime.world_size, dtype=torch.float64, device=self.runtime.device)
         dist.all_gather_into_tensor(times, local)
         times = times.tolist()
-        median = sorted(times)[len(times) // 2]
+        median = statistics.median(times)
         return [{"rank": r, "forward_s": t, "ratio": t / median} for r, t in enumerate(times)
                 if median > 0 and t > factor * median]
 
