@@ -598,7 +598,10 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     elif layout.activation_checkpointing == "selective":
         flops_token += 0  # pointwise recompute only
     tokens_rank = w.global_batch * w.seq_len / (layout.dp * layout.tp * layout.pp)
-    matmul_s = flops_token * tokens_rank / dev.achieved_flops(w.dtype)
+    if dev.matmul_curve:
+        matmul_s = _matmul_time_by_shape(w, layout, dev) * flops_token / train_flops_per_token(w.model, w.seq_len)
+    else:
+        matmul_s = flops_token * tokens_rank / dev.achieved_flops(w.dtype)
     # Elementwise traffic: every saved activation is written in forward, read
     # in backward and its gradient written (3 passes; an assumption), a
     # recomputed forward adds one more.
@@ -621,7 +624,9 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     times = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
     for col in colls:
         bw, lat, link = _link(cluster, layout, col.group)
-        if col.kind == "all_reduce":
+        if dev.allreduce_curve:
+            t = _measured_collective_time(col, dev) if col.kind != "recv" else 0.0
+        elif col.kind == "all_reduce":
             t = formulas.ring_all_reduce_time(col.bytes, col.ranks, bw, lat * col.calls / max(col.calls, 1))
             t += (col.calls - 1) * 2 * (col.ranks - 1) * lat
         elif col.kind in ("all_gather", "reduce_scatter"):
@@ -647,6 +652,50 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     peak = dev.peak_flops(w.dtype)
     est.mfu = (train_flops_per_token(w.model, w.seq_len) * est.tokens_per_s / cluster.gpus / peak) if peak else 0.0
     return est
+
+
+def _interp(curve: tuple, x: float) -> float:
+    """Log-log interpolation in a measured [(x, y), ...] curve, clamped at the ends."""
+    pts = sorted(curve)
+    if x <= pts[0][0]:
+        return pts[0][1]
+    if x >= pts[-1][0]:
+        return pts[-1][1] * (x / pts[-1][0] if pts[-1][1] < 1 else 1)  # times grow linearly past the end
+    for (x0, y0), (x1, y1) in zip(pts, pts[1:]):
+        if x0 <= x <= x1:
+            f = math.log(x / x0) / math.log(x1 / x0)
+            return math.exp(math.log(y0) + f * (math.log(y1) - math.log(y0)))
+    return pts[-1][1]
+
+
+def _matmul_time_by_shape(w: Workload, layout: Layout, dev: Device) -> float:
+    """Seconds of one step's matmuls on the busiest rank, each at the rate the
+    calibration measured for its (TP-sharded) weight size; the attention
+    score/value products at the measured causal-SDPA rate."""
+    m, t = w.model, layout.tp
+    h, f, kvd = m.dim, m.ffn_dim, m.n_kv_heads * (m.dim // m.n_heads)
+    tokens = w.global_batch * w.seq_len / layout.dp
+    shapes = [(h, h / t), (h, kvd / t), (h, kvd / t), (h / t, h), (h, f / t), (h, f / t), (f / t, h)]
+    per_layer = sum(6 * k * n / _interp(dev.matmul_curve, k * n) for k, n in shapes)
+    head_dim = m.dim // m.n_heads
+    attention_rate = dev.attention_flops or _interp(dev.matmul_curve, w.seq_len * head_dim)
+    attention = 12 * m.dim / t * w.seq_len / attention_rate
+    layers = stage_layers(m, layout, 0) if layout.pp > 1 else m.n_layers
+    head = 6 * h * m.vocab_size / t / _interp(dev.matmul_curve, h * m.vocab_size / t)
+    names = stage_param_names(m, layout, layout.pp - 1)
+    has_head = names is None or layout.pp == 1
+    return tokens * (layers * (per_layer + attention) + (head if has_head else 0))
+
+
+def _measured_collective_time(col: Collective, dev: Device) -> float:
+    """Per call, the calibrated all-reduce time of that message size, scaled
+    by the bus factor of the collective relative to the calibrated all-reduce."""
+    per_call = col.bytes / max(col.calls, 1)
+    n0 = max(dev.curve_ranks, 2)
+    ar0 = 2 * (n0 - 1) / n0
+    factor = {"all_reduce": 2 * (col.ranks - 1) / col.ranks, "all_gather": (col.ranks - 1) / col.ranks,
+              "reduce_scatter": (col.ranks - 1) / col.ranks, "broadcast": 1.0, "send": 1.0}.get(col.kind, 1.0)
+    return col.calls * _interp(dev.allreduce_curve, per_call) * factor / ar0
 
 
 def _link(cluster: Cluster, layout: Layout, group: str) -> tuple[float, float]:

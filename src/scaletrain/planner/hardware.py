@@ -38,6 +38,14 @@ class Device:
     # backward pass: 1 on GPUs (NCCL runs on its own stream), 0 on CPUs (gloo
     # competes with compute for the same cores). An explicit assumption.
     overlap: float = 1.0
+    # Measured by --calibrate (empty for catalog GPUs): achieved FLOP/s of a
+    # 1024-row matmul by weight size k*n, and seconds per all-reduce call by
+    # message bytes over ``curve_ranks`` ranks. When present they replace
+    # peak x matmul_efficiency and the alpha-beta link model.
+    matmul_curve: tuple = ()
+    attention_flops: float = 0.0  # causal SDPA forward + backward, FLOP/s (PaLM's count)
+    allreduce_curve: tuple = ()
+    curve_ranks: int = 0
 
     def peak_flops(self, dtype: str) -> float:
         return getattr(self, dtype) * 1e12
@@ -71,7 +79,8 @@ def load_catalog(extra: Path | None = None) -> dict[str, Device]:
             try:
                 base = catalog.get(name)
                 merged = ({f.name: getattr(base, f.name) for f in fields(Device)} if base else {}) | values
-                merged["match"] = tuple(merged.get("match", ()))
+                for key in ("match", "matmul_curve", "allreduce_curve"):
+                    merged[key] = tuple(tuple(x) if isinstance(x, list) else x for x in merged.get(key, ()))
                 catalog[name] = Device(**{**merged, "name": name})
             except TypeError as exc:
                 raise UserError(f"{path}: [{name}] is incomplete ({exc})") from None
