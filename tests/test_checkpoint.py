@@ -164,15 +164,11 @@ def _children(pid: int) -> list[int]:
     return [int(p) for p in out.split()]
 
 
-@pytest.mark.skipif(os.environ.get("SCALETRAIN_TEST_ELASTIC") != "1",
-                    reason="flaky on gloo/CPU: after a worker is killed, the restarted group's gloo "
-                           "connectFullMesh sometimes reaches a stale peer address (1 in 3 runs); set "
-                           "SCALETRAIN_TEST_ELASTIC=1 to run it")
 def test_killed_worker_is_restarted_and_resumes(tmp_path, debug_config):
     """SIGKILL one worker mid-run: torchrun's elastic agent restarts the group,
     which resumes from the newest checkpoint and ends where an uninterrupted
     run ends, with every step in metrics.jsonl exactly once."""
-    steps = ["training.steps=150", "checkpoint.interval=10", "logging.sample_tokens=0"]
+    steps = ["training.steps=60", "checkpoint.interval=10", "logging.sample_tokens=0"]
     whole = train_run(tmp_path / "whole", debug_config, BASE + steps, nproc=2)
     run = tmp_path / "run"
     cmd = [sys.executable, "-m", "scaletrain", "train", "--config", str(debug_config), "--run-dir", str(run),
@@ -189,7 +185,7 @@ def test_killed_worker_is_restarted_and_resumes(tmp_path, debug_config):
     assert proc.returncode == 0, err[-5000:]
     result = read_run(run)
     assert result.summary["resumed_from"] is not None  # it really restarted from a checkpoint
-    assert [m["step"] for m in result.metrics] == list(range(1, 151))
+    assert [m["step"] for m in result.metrics] == list(range(1, 61))
     assert result.losses == whole.losses
     for name, value in whole.params.items():
         assert torch.equal(result.params[name], value), name
