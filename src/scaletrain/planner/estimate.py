@@ -594,9 +594,7 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     # compute: matmuls at the achieved rate, elementwise + optimizer traffic at memory bandwidth
     flops_token = train_flops_per_token(w.model, w.seq_len)
     if layout.activation_checkpointing == "full":
-        flops_token *= 4 / 3  # one more forward
-    elif layout.activation_checkpointing == "selective":
-        flops_token += 0  # pointwise recompute only
+        flops_token *= 4 / 3  # one more forward (selective recomputes pointwise ops only: no matmul FLOPs)
     tokens_rank = w.global_batch * w.seq_len / (layout.dp * layout.tp * layout.pp)
     if dev.matmul_curve:
         matmul_s = _matmul_time_by_shape(w, layout, dev) * flops_token / train_flops_per_token(w.model, w.seq_len)
@@ -627,8 +625,8 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
         if dev.allreduce_curve:
             t = _measured_collective_time(col, dev) if col.kind != "recv" else 0.0
         elif col.kind == "all_reduce":
-            t = formulas.ring_all_reduce_time(col.bytes, col.ranks, bw, lat * col.calls / max(col.calls, 1))
-            t += (col.calls - 1) * 2 * (col.ranks - 1) * lat
+            t = formulas.ring_all_reduce_time(col.bytes, col.ranks, bw, lat)
+            t += (col.calls - 1) * 2 * (col.ranks - 1) * lat  # latency is paid per call
         elif col.kind in ("all_gather", "reduce_scatter"):
             t = formulas.ring_all_gather_time(col.bytes, col.ranks, bw, lat) + (col.calls - 1) * (col.ranks - 1) * lat
         elif col.kind == "broadcast":

@@ -33,7 +33,7 @@ from scaletrain.errors import UserError
 from scaletrain.model import Llama, cross_entropy_loss, generate, param_count, train_flops_per_token
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
 from scaletrain.parallel.runtime import Runtime
-from scaletrain.train.display import ProgressDisplay, print_summary
+from scaletrain.train.display import ProgressDisplay
 from scaletrain.train.measure import StepProbe
 from scaletrain.train.metrics import MetricsWriter, device_peak_flops, mem_peak_bytes
 from scaletrain.train.optim import build_scheduler
