@@ -189,25 +189,10 @@ def check_all_reduce(device: torch.device) -> dict:
 
 
 def run_checks(names: list[str], directory: Path, master: str | None, device: torch.device) -> list[dict]:
-    out = []
-    for name in names:
-        if name == "versions":
-            out.append(check_versions())
-        elif name == "devices":
-            out.append(check_devices())
-        elif name == "shm":
-            out.append(check_shm())
-        elif name == "disk":
-            out.append(check_disk(directory))
-        elif name == "rendezvous":
-            out.append(check_rendezvous(master))
-        elif name == "env":
-            out.append(lint_env())
-        elif name == "gpu_health":
-            out.append(check_gpu_health())
-        elif name == "all_reduce":
-            out.append(check_all_reduce(device))
-    return out
+    checks = {"versions": check_versions, "devices": check_devices, "shm": check_shm,
+              "disk": lambda: check_disk(directory), "rendezvous": lambda: check_rendezvous(master),
+              "env": lint_env, "gpu_health": check_gpu_health, "all_reduce": lambda: check_all_reduce(device)}
+    return [checks[name]() for name in names]
 
 
 def single_process_group(timeout_s: float = 30) -> None:

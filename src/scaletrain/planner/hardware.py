@@ -97,11 +97,11 @@ def find_device(catalog: dict[str, Device], name: str) -> Device:
 
 
 def device_for_cuda_name(cuda_name: str, catalog: dict[str, Device] | None = None) -> Device | None:
-    """The catalog entry whose ``match`` strings occur in a CUDA device name."""
-    for device in (catalog or load_catalog()).values():
-        if any(m in cuda_name for m in device.match):
-            return device
-    return None
+    """The catalog entry whose ``match`` string occurring in a CUDA device
+    name is the longest (so "H100 PCIe" wins over the generic "H100")."""
+    found = [(len(m), device) for device in (catalog or load_catalog()).values() for m in device.match
+             if m in cuda_name]
+    return max(found, key=lambda f: f[0])[1] if found else None
 
 
 @dataclass(frozen=True)

@@ -10,29 +10,15 @@ from pathlib import Path
 
 import torch
 
-# Dense peak FLOP/s without sparsity, from the vendors' datasheets.
-GPU_PEAK_FLOPS = {
-    # name fragment: {dtype: peak}
-    "H200": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "H100 PCIe": {"bf16": 756e12, "fp16": 756e12, "fp32": 51e12},
-    "H100": {"bf16": 989e12, "fp16": 989e12, "fp32": 67e12},
-    "A100": {"bf16": 312e12, "fp16": 312e12, "fp32": 19.5e12},
-    "L40S": {"bf16": 362e12, "fp16": 362e12, "fp32": 91.6e12},
-    "V100": {"bf16": 0.0, "fp16": 125e12, "fp32": 15.7e12},
-    "RTX 4090": {"bf16": 165e12, "fp16": 165e12, "fp32": 82.6e12},
-    "RTX 3090": {"bf16": 71e12, "fp16": 71e12, "fp32": 35.6e12},
-}
-
-
 def device_peak_flops(device: torch.device, dtype: str) -> float | None:
-    """The device's dense peak for ``dtype``, or None where unknown (CPUs)."""
+    """The device's dense peak for ``dtype`` from the planner's hardware
+    catalog, or None where unknown (CPUs, unlisted GPUs, no bf16)."""
     if device.type != "cuda":
         return None
-    name = torch.cuda.get_device_name(device)
-    for fragment, peaks in GPU_PEAK_FLOPS.items():
-        if fragment in name:
-            return peaks[dtype] or None
-    return None
+    from scaletrain.planner.hardware import device_for_cuda_name
+
+    entry = device_for_cuda_name(torch.cuda.get_device_name(device))
+    return (entry.peak_flops(dtype) or None) if entry else None
 
 
 def mem_peak_bytes(device: torch.device) -> int:

@@ -271,19 +271,19 @@ class Trainer:
         counted from the tensors themselves (a DTensor counts its local shard)."""
         if count_grads:
             return {"grads_bytes": sum(_nbytes(p.grad) for p in self.model.parameters() if p.grad is not None)}
-        optimizer = getattr(self.optimizer, "optim", self.optimizer)  # ZeRO-1 wraps the local AdamW
-        states = [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
         return {"params_bytes": sum(_nbytes(p) for p in self.model.parameters()),
-                "optimizer_bytes": sum(_nbytes(v) for v in states)}
+                "optimizer_bytes": sum(_nbytes(v) for v in self._optimizer_tensors())}
+
+    def _optimizer_tensors(self) -> list[torch.Tensor]:
+        optimizer = getattr(self.optimizer, "optim", self.optimizer)  # ZeRO-1 wraps the local AdamW
+        return [v for state in optimizer.state.values() for v in state.values() if torch.is_tensor(v)]
 
     def _live_state_bytes(self) -> int:
         """Bytes of the tensors alive between steps: parameters, gradients,
         buffers and optimizer states of this rank."""
         tensors = {id(t): t for part in self.model.parts for t in (*part.parameters(), *part.buffers())}
         tensors.update({id(p.grad): p.grad for p in self.model.parameters() if p.grad is not None})
-        optimizer = getattr(self.optimizer, "optim", self.optimizer)
-        tensors.update({id(v): v for state in optimizer.state.values() for v in state.values()
-                        if torch.is_tensor(v)})
+        tensors.update({id(v): v for v in self._optimizer_tensors()})
         total = sum(_nbytes(t) for t in tensors.values())
         for part in self.model.parts:  # DDP's gradient buckets outlive zero_grad(set_to_none=True)
             if isinstance(part, DistributedDataParallel) and not any(p.grad is not None for p in part.parameters()):
