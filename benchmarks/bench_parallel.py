@@ -1,13 +1,15 @@
 """Throughput of every 2-rank layout against DDP on the same model, global batch
 and threads; the measured pipeline bubble of GPipe and 1F1B next to the theory
-(p-1)/(m+p-1); and, when DeepSpeed is installed (`pip install -e .[bench]`),
-DeepSpeed ZeRO-1/2/3 on the same model, batch and threads, as
-scaletrain/DeepSpeed ratios.
+(p-1)/(m+p-1); and, when DeepSpeed is installed (`bash scripts/install.sh
+--bench`), DeepSpeed ZeRO-1/2/3 on the same model, data, optimizer and threads,
+as scaletrain/DeepSpeed ratios.
 
-    python benchmarks/bench_parallel.py [--steps 12] [--model tiny]
+    python benchmarks/bench_parallel.py [--rounds 4] [--steps 4] [--model tiny]
 
-All layouts run inside one torchrun launch of 2 workers (1 thread each), one
-after another; DDP runs first and last so drift in the machine shows up.
+Everything runs in one torchrun launch of 2 workers (1 thread each): every
+layout (and every DeepSpeed engine) is built once, then the rounds take
+--steps steps of each in turn, so drift in this shared machine hits all of
+them alike. Tokens/s is the median step; the first step of each is excluded.
 """
 
 from __future__ import annotations
@@ -42,13 +44,14 @@ LAYOUTS = {
     "PP 1F1B": WHOLE + ["parallel.pp=2", "parallel.pp_schedule=1f1b"],
     "PP interleaved 1F1B": WHOLE + ["parallel.pp=2", "parallel.pp_schedule=interleaved_1f1b"],
     "PP ZB-V": WHOLE + ["parallel.pp=2", "parallel.pp_schedule=zbv"],
-    "DDP (again)": DP,
 }
 
 
-def base_overrides(model: str, steps: int) -> list[str]:
-    return [f"model.name={model}", f"data.seq_len={SEQ_LEN}", f"training.steps={steps}",
-            f"training.global_batch_size={GLOBAL_BATCH}",
+def base_overrides(model: str) -> list[str]:
+    # Many steps so the learning-rate schedule never ends; the watchdog off, as
+    # several trainers share the process.
+    return [f"model.name={model}", f"data.seq_len={SEQ_LEN}", "training.steps=100000",
+            f"training.global_batch_size={GLOBAL_BATCH}", "debug.hang_timeout=0",
             "logging.sample_tokens=0", "training.warmup_steps=2", "checkpoint.enable=false"]
 
 
@@ -73,38 +76,23 @@ def stage_compute_time(trainer, reps: int = 5) -> float:
     return statistics.median(times[1:])
 
 
-def scaletrain_worker(model: str, steps: int, out_path: Path, only: list[str]) -> None:
+def scaletrain_runs(model: str, only: list[str], runtime) -> dict:
+    """name -> (step function, trainer) for each layout."""
     from scaletrain.config import load_config
-    from scaletrain.parallel.runtime import init_runtime
     from scaletrain.train.trainer import Trainer
 
-    runtime = init_runtime()
-    results = {}
+    runs = {}
     for name, overrides in LAYOUTS.items():
         if only and name not in only:
             continue
-        cfg = load_config(None, base_overrides(model, steps) + overrides)
-        with tempfile.TemporaryDirectory() as tmp:
-            trainer = Trainer(cfg, Path(tmp), runtime, show_progress=False)
-            runtime.barrier()
-            summary = trainer.fit(show_progress=False)
-            row = {"tokens_per_s": summary["tokens_per_s"]}
-            if trainer.model.pipeline is not None and cfg.parallel.pp_schedule in ("gpipe", "1f1b"):
-                busy = trainer.model.pipeline.n_microbatches * stage_compute_time(trainer)
-                step_time = GLOBAL_BATCH * SEQ_LEN / summary["tokens_per_s"]
-                bubbles = [None] * runtime.world_size
-                torch.distributed.all_gather_object(bubbles, 1.0 - busy / step_time)
-                row["bubble_measured"] = statistics.mean(bubbles)
-                p, m = cfg.parallel.pp, trainer.model.pipeline.n_microbatches
-                row["bubble_theory"] = (p - 1) / (m + p - 1)
-            results[name] = row
-    if runtime.is_main:
-        out_path.write_text(json.dumps(results))
-    os._exit(0)
+        cfg = load_config(None, base_overrides(model) + overrides)
+        trainer = Trainer(cfg, Path(tempfile.mkdtemp()), runtime, show_progress=False)
+        runs[name] = (trainer.train_step, trainer)
+    return runs
 
 
-def deepspeed_worker(model: str, steps: int, out_path: Path) -> None:
-    """The same model, data and optimizer (torch AdamW) under DeepSpeed ZeRO."""
+def deepspeed_runs(model: str) -> dict:
+    """The same model, data and optimizer (torch AdamW) under DeepSpeed ZeRO-1/2/3."""
     import deepspeed
     import torch.nn.functional as F
 
@@ -113,14 +101,13 @@ def deepspeed_worker(model: str, steps: int, out_path: Path) -> None:
     from scaletrain.model import Llama
     from scaletrain.train.trainer import resolve_vocab
 
-    deepspeed.init_distributed(dist_backend="gloo")
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
-    cfg = load_config(None, base_overrides(model, steps) + DP)
+    cfg = load_config(None, base_overrides(model) + DP)
     corpus = prepare_corpus(cfg.data, show_progress=False)
     cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
     dataset = SequenceDataset(corpus.tokens(), SEQ_LEN)
     per_rank = GLOBAL_BATCH // world
-    results = {}
+    runs = {}
     for stage in (1, 2, 3):
         net = Llama(cfg.model)
         net.init_weights(cfg.training.seed)
@@ -131,77 +118,110 @@ def deepspeed_worker(model: str, steps: int, out_path: Path) -> None:
             "zero_optimization": {"stage": stage}, "steps_per_print": 10**9, "wall_clock_breakdown": False,
         }
         engine, *_ = deepspeed.initialize(model=net, optimizer=optimizer, config=ds_config)
-        times = []
-        for step in range(steps):
-            start = time.perf_counter()
-            first = (step * world + rank) * per_rank
+
+        def step(engine=engine, counter=[0]):
+            first = (counter[0] * world + rank) * per_rank
+            counter[0] += 1
             x, y = dataset.batch(range(first, first + per_rank))
             loss = F.cross_entropy(engine(x).flatten(0, 1).float(), y.flatten())
             engine.backward(loss)
             engine.step()
             loss.item()
-            times.append(time.perf_counter() - start)
-        results[f"ZeRO-{stage}"] = {"tokens_per_s": GLOBAL_BATCH * SEQ_LEN * (steps - 1) / sum(times[1:])}
-        engine.destroy()
-    if rank == 0:
+
+        runs[f"DeepSpeed ZeRO-{stage}"] = (step, None)
+    return runs
+
+
+def worker(model: str, rounds: int, steps: int, out_path: Path, only: list[str]) -> None:
+    from scaletrain.parallel.runtime import init_runtime
+
+    runtime = init_runtime()
+    runs = scaletrain_runs(model, only, runtime)
+    try:
+        runs.update(deepspeed_runs(model))
+    except ImportError:
+        pass
+    times: dict[str, list[float]] = {name: [] for name in runs}
+    for name, (step, _) in runs.items():
+        step()  # warm-up, not timed
+    for _ in range(rounds):
+        for name, (step, _) in runs.items():
+            for _ in range(steps):
+                runtime.barrier()
+                start = time.perf_counter()
+                step()
+                times[name].append(time.perf_counter() - start)
+    results = {}
+    for name, (_, trainer) in runs.items():
+        step_time = statistics.median(times[name])
+        row = {"tokens_per_s": GLOBAL_BATCH * SEQ_LEN / step_time}
+        if trainer is not None and trainer.model.pipeline is not None \
+                and trainer.cfg.parallel.pp_schedule in ("gpipe", "1f1b"):
+            busy = trainer.model.pipeline.n_microbatches * stage_compute_time(trainer)
+            bubbles = [None] * runtime.world_size
+            torch.distributed.all_gather_object(bubbles, 1.0 - busy / step_time)
+            row["bubble_measured"] = statistics.mean(bubbles)
+            p, m = trainer.cfg.parallel.pp, trainer.model.pipeline.n_microbatches
+            row["bubble_theory"] = (p - 1) / (m + p - 1)
+        results[name] = row
+    if runtime.is_main:
         out_path.write_text(json.dumps(results))
     os._exit(0)
 
 
-def launch(worker: str, model: str, steps: int, only: list[str]) -> dict:
+def launch(args) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "out.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2", __file__,
-               "--worker", worker, "--model", model, "--steps", str(steps), "--out", str(out)]
-        cmd += [arg for name in only for arg in ("--layout", name)]
+               "--worker", "--model", args.model, "--rounds", str(args.rounds), "--steps", str(args.steps),
+               "--out", str(out)]
+        cmd += [arg for name in args.layout for arg in ("--layout", name)]
         env = {**os.environ, "OMP_NUM_THREADS": "1", "DS_ACCELERATOR": "cpu"}
         proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=3600)
         if not out.exists():
-            sys.exit(f"{worker} benchmark failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-10000:]}")
+            sys.exit(f"benchmark failed:\n{proc.stdout[-5000:]}\n{proc.stderr[-10000:]}")
         return json.loads(out.read_text())
 
 
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--model", default="tiny")
-    parser.add_argument("--steps", type=int, default=12)
-    parser.add_argument("--worker", choices=["scaletrain", "deepspeed"])
+    parser.add_argument("--rounds", type=int, default=4)
+    parser.add_argument("--steps", type=int, default=4, help="steps of each layout per round")
+    parser.add_argument("--worker", action="store_true")
     parser.add_argument("--out", type=Path)
     parser.add_argument("--layout", action="append", default=[], help="run only these layouts (repeatable)")
     args = parser.parse_args()
-    if args.worker == "scaletrain":
-        return scaletrain_worker(args.model, args.steps, args.out, args.layout)
-    if args.worker == "deepspeed":
-        return deepspeed_worker(args.model, args.steps, args.out)
+    if args.layout:
+        args.layout = sorted(set(args.layout) | {"DDP"})
+    if args.worker:
+        return worker(args.model, args.rounds, args.steps, args.out, args.layout)
 
     from scaletrain.config import load_config
     from scaletrain.data import prepare_corpus
 
-    prepare_corpus(load_config(None, base_overrides(args.model, args.steps)).data)  # tokenize outside timing
+    prepare_corpus(load_config(None, base_overrides(args.model)).data)  # tokenize outside timing
     print(f"model {args.model}, seq_len {SEQ_LEN}, global batch {GLOBAL_BATCH}, 2 ranks x 1 thread, "
-          f"{args.steps} steps per layout (first step excluded), {os.cpu_count()} cores")
-    only = args.layout and sorted(set(args.layout) | {"DDP", "DDP (again)"})
-    ours = launch("scaletrain", args.model, args.steps, only)
-    ddp = statistics.mean([ours["DDP"]["tokens_per_s"], ours["DDP (again)"]["tokens_per_s"]])
+          f"{args.rounds} rounds x {args.steps} steps of each layout, interleaved; {os.cpu_count()} cores")
+    rows = launch(args)
+    ddp = rows["DDP"]["tokens_per_s"]
     print(f"\n{'layout':<22}{'tokens/s':>10}{'vs DDP':>9}")
-    for name, row in ours.items():
-        print(f"{name:<22}{row['tokens_per_s']:>10.0f}{row['tokens_per_s'] / ddp:>9.3f}")
+    for name, row in rows.items():
+        if not name.startswith("DeepSpeed"):
+            print(f"{name:<22}{row['tokens_per_s']:>10.0f}{row['tokens_per_s'] / ddp:>9.3f}")
     print(f"\n{'pipeline bubble':<22}{'measured':>10}{'(p-1)/(m+p-1)':>16}")
-    for name, row in ours.items():
+    for name, row in rows.items():
         if "bubble_measured" in row:
             print(f"{name:<22}{row['bubble_measured']:>10.3f}{row['bubble_theory']:>16.3f}")
-    try:
-        import deepspeed  # noqa: F401
-    except ImportError:
-        print("\nDeepSpeed not installed (pip install -e .[bench]): ZeRO comparison skipped")
+    if "DeepSpeed ZeRO-1" not in rows:
+        print("\nDeepSpeed not installed (bash scripts/install.sh --bench): ZeRO comparison skipped")
         return
-    theirs = launch("deepspeed", args.model, args.steps, [])
     print(f"\n{'ZeRO stage':<22}{'scaletrain':>12}{'DeepSpeed':>12}{'ratio':>8}")
-    for name, row in theirs.items():
-        if name not in ours:
-            continue
-        print(f"{name:<22}{ours[name]['tokens_per_s']:>12.0f}{row['tokens_per_s']:>12.0f}"
-              f"{ours[name]['tokens_per_s'] / row['tokens_per_s']:>8.3f}")
+    for stage in (1, 2, 3):
+        ours, theirs = rows.get(f"ZeRO-{stage}"), rows[f"DeepSpeed ZeRO-{stage}"]
+        if ours:
+            print(f"{f'ZeRO-{stage}':<22}{ours['tokens_per_s']:>12.0f}{theirs['tokens_per_s']:>12.0f}"
+                  f"{ours['tokens_per_s'] / theirs['tokens_per_s']:>8.3f}")
 
 
 if __name__ == "__main__":

@@ -8,6 +8,7 @@ part on its named slice of the one DeviceMesh (pp, dp_replicate, dp_shard, tp).
 from __future__ import annotations
 
 import contextlib
+import math
 from collections import defaultdict
 from dataclasses import dataclass
 from itertools import chain
@@ -146,22 +147,42 @@ def build_optimizer(model: ParallelModel, cfg: Config) -> torch.optim.Optimizer:
 def clip_grad_norm(model: ParallelModel, max_norm: float) -> torch.Tensor:
     """Global gradient 2-norm over all shards and stages, then clip to ``max_norm``.
 
-    Gradients are grouped by (mesh, placements) so each group's norm is one
-    DTensor reduction; pipeline stages add their squared norms."""
-    groups: dict = defaultdict(list)
+    Each rank sums the squares of its local gradient pieces, grouped by the
+    mesh dimensions they are sharded over; each group is then summed with one
+    all-reduce of a scalar per sharded dimension (replicated dimensions hold
+    copies and are not summed), and pipeline stages add theirs. Working on the
+    local tensors keeps DTensor dispatch out of this per-step path; gradients
+    with a Partial placement (none in the layouts built here) take DTensor's
+    own reduction."""
+    plain, partial, by_dims = [], [], defaultdict(list)
     for param in model.parameters():
-        if param.grad is not None:
-            g = param.grad
-            key = (g.device_mesh, g.placements) if isinstance(g, DTensor) else None
-            groups[key].append(param)
-    total_sq = torch.zeros((), device=next(model.parameters()).device)
-    for params in groups.values():
-        norm = torch.nn.utils.get_total_norm([p.grad for p in params], 2.0)
-        norm = norm.full_tensor() if isinstance(norm, DTensor) else norm
-        total_sq += norm.float() ** 2
+        g = param.grad
+        if g is None:
+            continue
+        if not isinstance(g, DTensor):
+            plain.append(g)
+        elif any(p.is_partial() for p in g.placements):
+            partial.append(g)
+        else:  # Shard and FSDP x TP's _StridedShard: disjoint pieces to sum over
+            dims = tuple(d for d, p in enumerate(g.placements) if not p.is_replicate())
+            by_dims[(g.device_mesh, dims)].append(g.to_local())
+    device = next(model.parameters()).device
+    total_sq = torch.zeros((), device=device)
+    if partial:
+        total_sq += torch.nn.utils.get_total_norm(partial, 2.0).full_tensor().float() ** 2
+    for (mesh, dims), grads in [((None, ()), plain), *by_dims.items()]:
+        if not grads:
+            continue
+        sq = torch.nn.utils.get_total_norm(grads, 2.0).float() ** 2
+        for dim in dims:
+            dist.all_reduce(sq, group=mesh.get_group(dim))
+        total_sq += sq
     if (pp_group := model.group("pp")) is not None:
         dist.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
-    for params in groups.values():
-        torch.nn.utils.clip_grads_with_norm_(params, max_norm, total)
+    if math.isfinite(max_norm):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        grads = [g.to_local() if isinstance(g, DTensor) else g
+                 for p in model.parameters() if (g := p.grad) is not None]
+        torch._foreach_mul_(grads, coef)
     return total

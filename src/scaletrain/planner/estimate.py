@@ -401,22 +401,21 @@ def collectives(w: Workload, layout: Layout, c: Coord, device_type: str = "cpu")
 
 
 def _grad_norm_collectives(layout: Layout, params: list[tuple[str, int, tuple]]) -> list[Collective]:
-    """clip_grad_norm groups DTensor gradients by placements; each group's
-    per-parameter norms are reduced in one all-reduce per sharded mesh
-    dimension (4 bytes per parameter)."""
-    groups: dict[tuple, int] = {}
+    """clip_grad_norm sums squared local gradients grouped by the mesh
+    dimensions they are sharded over, then all-reduces each group's scalar
+    once per sharded dimension."""
+    groups = set()
     for name, _, tp_shape in params:
         dp_sharded = layout.fsdp and layout.dp_shard > 1
         replicated_grad = name == "embed_tokens.weight" and not dp_sharded  # see model_state_bytes
-        tp_dim = _tp_dim(name) if layout.tp > 1 and not replicated_grad else None
-        key = (dp_sharded, tp_dim)
-        groups[key] = groups.get(key, 0) + 1
+        tp_sharded = layout.tp > 1 and not replicated_grad and _tp_dim(name) is not None
+        groups.add((dp_sharded, tp_sharded))
     out = []
-    for (dp_sharded, tp_dim), count in groups.items():
+    for dp_sharded, tp_sharded in groups:
         if dp_sharded:
-            out.append(Collective("all_reduce", "dp_shard", 4 * count, 1, layout.dp_shard))
-        if tp_dim is not None:
-            out.append(Collective("all_reduce", "tp", 4 * count, 1, layout.tp))
+            out.append(Collective("all_reduce", "dp_shard", 4, 1, layout.dp_shard))
+        if tp_sharded:
+            out.append(Collective("all_reduce", "tp", 4, 1, layout.tp))
     return out
 
 
@@ -465,7 +464,12 @@ def _fsdp_collectives(w: Workload, layout: Layout, c: Coord, n_accum: int, pmb: 
             rs_calls += 1
         if layout.dp_replicate > 1:
             out.append(Collective("all_reduce", "dp_replicate", padded // shard * 4, 1, layout.dp_replicate))
-    if gather_calls:
+    if gather_calls and device_type == "cpu":
+        # gloo (data_parallel.GlooAllGather / GlooReduceScatter): a broadcast
+        # per rank into the gathered buffer; an all-reduce of the whole input.
+        out.append(Collective("broadcast", "dp_shard", gather_bytes, gather_calls * shard, shard))
+        out.append(Collective("all_reduce", "dp_shard", rs_bytes, rs_calls, shard))
+    elif gather_calls:
         out.append(Collective("all_gather", "dp_shard", gather_bytes, gather_calls, shard))
         out.append(Collective("reduce_scatter", "dp_shard", rs_bytes, rs_calls, shard))
     return out
