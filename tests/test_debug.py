@@ -12,20 +12,36 @@ from harness import run_cli
 HANG_TIMEOUT = 3.0
 
 
-@pytest.mark.parametrize("fault, suspect", [
+HANG_CASES = [
     ("extra_collective:0:2", 0),   # a collective only under `if rank == 0`
     ("fewer_batches:1:3", 1),      # a rank with one batch fewer
     ("swallow_exception:1:2", 1),  # an exception caught and `continue`d on one rank
     ("sleep:1:2", 1),              # a rank stalled in a long sleep
     ("kill:2:2", 2),               # a rank killed
-])
-def test_hang_report_names_the_rank(tmp_path, debug_config, fault, suspect):
-    run_dir = tmp_path / "run"
-    proc = run_cli(["train", "--config", str(debug_config), "--nproc", "3", "--run-dir", str(run_dir),
-                    "--set", "training.steps=5", "--set", "training.global_batch_size=6",
-                    "--set", "training.micro_batch_size=2", "--set", f"debug.hang_timeout={HANG_TIMEOUT}",
-                    "--set", f"debug.inject_fault={fault}", "--set", "checkpoint.enable=false",
-                    "--set", "logging.sample_tokens=0"], timeout=150)
+]
+
+
+@pytest.fixture(scope="module")
+def hang_runs(tmp_path_factory, debug_config):
+    """Every case's 3-rank run, two at a time (each mostly waits out its timeout)."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    def run(fault: str):
+        run_dir = tmp_path_factory.mktemp("hang") / "run"
+        proc = run_cli(["train", "--config", str(debug_config), "--nproc", "3", "--run-dir", str(run_dir),
+                        "--set", "training.steps=5", "--set", "training.global_batch_size=6",
+                        "--set", "training.micro_batch_size=2", "--set", f"debug.hang_timeout={HANG_TIMEOUT}",
+                        "--set", f"debug.inject_fault={fault}", "--set", "checkpoint.enable=false",
+                        "--set", "logging.sample_tokens=0"], timeout=150)
+        return run_dir, proc
+
+    with ThreadPoolExecutor(max_workers=2) as pool:
+        return dict(zip([f for f, _ in HANG_CASES], pool.map(run, [f for f, _ in HANG_CASES])))
+
+
+@pytest.mark.parametrize("fault, suspect", HANG_CASES)
+def test_hang_report_names_the_rank(hang_runs, fault, suspect):
+    run_dir, proc = hang_runs[fault]
     assert proc.returncode == 3, proc.stderr[-3000:]
     report = json.loads((run_dir / "hang_report.json").read_text())
     assert report["suspect_ranks"] == [suspect], report["likely_cause"]

@@ -9,6 +9,8 @@ from ``scaletrain bench comm`` (gloo here, NCCL on GPUs) with ``nproc`` ranks.
 
 from __future__ import annotations
 
+import contextlib
+import dataclasses
 import json
 import os
 import subprocess
@@ -101,11 +103,69 @@ def attention_flops(threads: int, batch: int = 4, heads: int = 8, seq: int = 256
     return 12 * batch * seq * seq * heads * head_dim / sorted(times)[2]
 
 
-def _measure_worker(threads: int) -> tuple[list[list[float]], float, float]:
-    return matmul_curve(threads), memory_bandwidth(threads), attention_flops(threads)
+# The block whose forward + backward calibrates the elementwise rate ("small": 4 x 256 tokens).
+BLOCK_SHAPE = dict(dim=256, n_heads=8, n_kv_heads=4, ffn_dim=704)
+BLOCK_BATCH, BLOCK_SEQ = 4, 256
+# A block so small that its time is all per-op dispatch.
+TINY_SHAPE = dict(dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64)
 
 
-def _concurrently(nproc: int, threads: int) -> tuple[list[list[float]], float, float]:
+def block_times(threads: int) -> dict[str, float]:
+    """Median forward + backward seconds: of one Llama block at BLOCK_SHAPE;
+    and at TINY_SHAPE, of whole 1- and 2-layer models with their loss, plain
+    and under DTensor TP and TP + SP on a 1-rank mesh (the dispatch work per
+    op is that of any TP degree; the collectives, measured separately, are
+    skipped on one rank)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from scaletrain.config import ModelConfig
+    from scaletrain.model.llama import Llama, cross_entropy_loss, rope_tables
+    from scaletrain.parallel.tensor_parallel import apply_tensor_parallel
+
+    previous = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
+    try:
+        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
+
+        def median(step) -> float:
+            times = []
+            for _ in range(10):
+                start = time.perf_counter()
+                step()
+                times.append(time.perf_counter() - start)
+            return sorted(times[1:])[4]  # the median after a warm-up
+
+        cfg = dataclasses.replace(ModelConfig(), **BLOCK_SHAPE, n_layers=1, vocab_size=256)
+        block = Llama(cfg).layers["0"]
+        cos, sin = rope_tables(cfg.dim // cfg.n_heads, BLOCK_SEQ, cfg.rope_theta)
+        x = torch.randn(BLOCK_BATCH, BLOCK_SEQ, cfg.dim, requires_grad=True)
+        out = {"block": median(lambda: block(x, cos, sin).sum().backward())}
+        tokens = torch.randint(0, 256, (1, 8))
+        for layers in (1, 2):
+            for tp in (None, False, True):
+                model = Llama(dataclasses.replace(ModelConfig(), **TINY_SHAPE, n_layers=layers, vocab_size=256))
+                if tp is not None:
+                    apply_tensor_parallel(model, mesh, sequence_parallel=tp)
+
+                def step(model=model, tp=tp):
+                    with loss_parallel() if tp is not None else contextlib.nullcontext():
+                        cross_entropy_loss(model(tokens), tokens).backward()
+
+                out[f"{layers} {'plain' if tp is None else 'sp' if tp else 'tp'}"] = median(step)
+        return out
+    finally:
+        dist.destroy_process_group()
+        torch.set_num_threads(previous)
+
+
+def _measure_worker(threads: int) -> tuple:
+    return matmul_curve(threads), memory_bandwidth(threads), attention_flops(threads), block_times(threads)
+
+
+def _concurrently(nproc: int, threads: int) -> tuple[list[list[float]], float, float, dict[str, float]]:
     """Measure in ``nproc`` processes at once, as the workers of a run share
     the machine's caches and memory bandwidth; the mean over the workers."""
     import multiprocessing
@@ -113,41 +173,82 @@ def _concurrently(nproc: int, threads: int) -> tuple[list[list[float]], float, f
     with multiprocessing.get_context("spawn").Pool(nproc) as pool:
         results = pool.map(_measure_worker, [threads] * nproc)
     curve = [[size, sum(r[0][i][1] for r in results) / nproc] for i, (size, _) in enumerate(results[0][0])]
-    return curve, sum(r[1] for r in results) / nproc, sum(r[2] for r in results) / nproc
+    blocks = {key: sum(r[3][key] for r in results) / nproc for key in results[0][3]}
+    return curve, sum(r[1] for r in results) / nproc, sum(r[2] for r in results) / nproc, blocks
 
 
-def collective_costs(nproc: int) -> tuple[float, float, list[list[float]]]:
-    """(bus bandwidth bytes/s, per-step latency s, [bytes, s per call]) from an all-reduce sweep."""
+def dispatch_costs(times: dict[str, float]) -> dict[str, float]:
+    """DTensor's added time per block pass (the 2-layer minus the 1-layer
+    model) and per model pass (embedding, head, loss: the rest), TP and TP + SP."""
+    out = {}
+    for kind in ("tp", "sp"):
+        extra = {n: times[f"{n} {kind}"] - times[f"{n} plain"] for n in (1, 2)}
+        per_block = max(0.0, extra[2] - extra[1])
+        out[f"{kind}_block_overhead_s"] = per_block
+        out[f"{kind}_model_overhead_s"] = max(0.0, extra[1] - per_block)
+    return out
+
+
+def elementwise_rate(device: Device, block_s: float) -> float:
+    """Bytes/s at which the measured block moved its saved activations
+    (3 passes, as the estimate counts them) in the time its matmuls and
+    attention, at the calibrated rates, do not explain."""
+    from scaletrain.config import ModelConfig
+    from scaletrain.planner.estimate import Layout, block_matmul_time, saved_per_token
+
+    cfg = dataclasses.replace(ModelConfig(), **BLOCK_SHAPE, n_layers=1, vocab_size=256)
+    tokens = BLOCK_BATCH * BLOCK_SEQ
+    rest = block_s - tokens * block_matmul_time(cfg, 1, BLOCK_SEQ, device)
+    moved = 3 * sum(saved_per_token(cfg, Layout()).values()) * 4 * tokens
+    return moved / rest if rest > 0 else device.hbm_gbps * 1e9
+
+
+CURVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
+
+
+def collective_costs(nproc: int) -> tuple[float, float, dict[str, list[list[float]]]]:
+    """(all-reduce bus bandwidth bytes/s, per-step latency s, {op: [[bytes, s per call], ...]})
+    from one `scaletrain bench comm` sweep of each collective the trainer issues."""
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "comm.json"
-        cmd = [sys.executable, "-m", "scaletrain", "bench", "comm", "--nproc", str(nproc), "--ops", "all_reduce",
+        cmd = [sys.executable, "-m", "scaletrain", "bench", "comm", "--nproc", str(nproc), "--ops", ",".join(CURVE_OPS),
                "--min-bytes", "4", "--max-bytes", str(16 * 2**20), "--iters", "10", "--out", str(out)]
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=600)
         if proc.returncode != 0:
             raise RuntimeError(f"bench comm failed:\n{proc.stderr[-2000:]}")
         rows = json.loads(out.read_text())["results"]
+    curves = {}
+    for op in CURVE_OPS:
+        # A message is never slower than a bigger one: scheduling spikes at small
+        # sizes (gloo on a shared machine) are replaced by the next size's time.
+        curve = [[r["bytes"], r["time_us"] * 1e-6] for r in rows if r["op"] == op]
+        for i in range(len(curve) - 2, -1, -1):
+            curve[i][1] = min(curve[i][1], curve[i + 1][1])
+        curves[op] = curve
     n = rows[0]["ranks"]
-    latency = rows[0]["time_us"] * 1e-6 / (2 * (n - 1))  # the smallest message: all latency
-    bandwidth = rows[-1]["busbw_gbps"] * 1e9
-    return bandwidth, latency, [[r["bytes"], r["time_us"] * 1e-6] for r in rows]
+    bandwidth = [r for r in rows if r["op"] == "all_reduce"][-1]["busbw_gbps"] * 1e9
+    latency = curves["all_reduce"][0][1] / (2 * (n - 1))  # the smallest message: all latency
+    return bandwidth, latency, curves
 
 
 def calibrate(name: str, nproc: int, progress=print) -> Device:
     cores = os.cpu_count() or 1
     threads = max(1, cores // nproc)
     progress(f"matmul FLOP/s and memory bandwidth: {nproc} workers at once, {threads} thread(s) each ...")
-    curve, bandwidth, attention = _concurrently(nproc, threads)
+    curve, bandwidth, attention, blocks = _concurrently(nproc, threads)
     flops = max(f for _, f in curve)
     progress(f"all-reduce sweep over {nproc} workers (scaletrain bench comm) ...")
-    link, latency, allreduce = collective_costs(nproc)
+    link, latency, curves = collective_costs(nproc)
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / nproc
-    return Device(name=name, description=f"this machine: {cores} CPU cores / {nproc} workers (calibrated)",
+    device = Device(name=name, description=f"this machine: {cores} CPU cores / {nproc} workers (calibrated)",
                   memory_gib=round(memory_gib, 1), bf16=0.0, fp16=0.0, fp32=flops / 1e12,
                   hbm_gbps=bandwidth / 1e9, intra="gloo-local", intra_gbps=link / 1e9,
                   intra_latency_us=latency * 1e6, inter="gloo-local", inter_gbps=link / 1e9,
                   inter_latency_us=latency * 1e6, matmul_efficiency=1.0, overhead_gib=0.0, overlap=0.0,
-                  matmul_curve=tuple(tuple(x) for x in curve), attention_flops=attention, allreduce_curve=tuple(tuple(x) for x in allreduce),
-                  curve_ranks=nproc)
+                  matmul_curve=tuple(tuple(x) for x in curve), attention_flops=attention, **{f"{op.replace('_', '')}_curve": tuple(tuple(x) for x in c) for op, c in curves.items()},
+                  curve_ranks=nproc,
+                  **dispatch_costs(blocks))
+    return dataclasses.replace(device, elementwise_gbps=elementwise_rate(device, blocks["block"]) / 1e9)
 
 
 def write_entry(device: Device, path: Path | None = None) -> Path:

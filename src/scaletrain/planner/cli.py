@@ -101,7 +101,11 @@ def run_calibrate(name: str, nproc: int, hardware: Path | None) -> int:
     device = calibrate(name, nproc, progress=lambda msg: print(msg, file=sys.stderr))
     path = write_entry(device, hardware)
     print(f"wrote [{name}] to {path}: {device.fp32:.3f} TFLOP/s fp32 matmul, {device.hbm_gbps:.1f} GB/s memory, "
-          f"{device.intra_gbps:.2f} GB/s all-reduce bus bandwidth, {device.intra_latency_us:.0f} us latency")
+          f"{device.elementwise_gbps:.1f} GB/s through a block's elementwise ops, "
+          f"DTensor dispatch per pass {device.tp_block_overhead_s * 1e3:.1f} ms per block + "
+          f"{device.tp_model_overhead_s * 1e3:.1f} ms (TP), {device.sp_block_overhead_s * 1e3:.1f} + "
+          f"{device.sp_model_overhead_s * 1e3:.1f} ms (TP + SP), {device.intra_gbps:.2f} GB/s all-reduce bus bandwidth, "
+          f"{device.intra_latency_us:.0f} us latency")
     return 0
 
 

@@ -614,8 +614,17 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     elementwise_bytes = passes * saved * stage_layers(w.model, layout, 0) * w.global_batch * w.seq_len / layout.dp
     states = model_state_bytes(w.model, layout, c0)
     optimizer_bytes = 0 if layout.cpu_offload else states["optimizer_bytes"] * 1.75 + states["params_bytes"] * 2
-    memory_s = (elementwise_bytes + optimizer_bytes) / (dev.hbm_gbps * 1e9)
-    est.compute_s = matmul_s + memory_s
+    memory_s = elementwise_bytes / ((dev.elementwise_gbps or dev.hbm_gbps) * 1e9) \
+        + optimizer_bytes / (dev.hbm_gbps * 1e9)
+    # DTensor's per-op dispatch: a fixed cost per block and pass, however small the shards.
+    sp = layout.sequence_parallel
+    per_block = dev.sp_block_overhead_s if sp else dev.tp_block_overhead_s
+    per_model = dev.sp_model_overhead_s if sp else dev.tp_model_overhead_s
+    passes_per_step = accum(w, layout) * (layout.pp_microbatches if layout.pp > 1 else 1)
+    dispatch_s = 0.0
+    if layout.tp > 1:
+        dispatch_s = (per_block * stage_layers(w.model, layout, 0) + per_model / layout.pp) * passes_per_step
+    est.compute_s = matmul_s + memory_s + dispatch_s
     # Each accumulation micro-step is its own pipeline pass (fill and drain).
     est.bubble = formulas.pipeline_bubble(layout.pp, layout.pp_microbatches, layout.virtual_stages,
                                           layout.pp_schedule)
@@ -674,30 +683,38 @@ def _matmul_time_by_shape(w: Workload, layout: Layout, dev: Device) -> float:
     """Seconds of one step's matmuls on the busiest rank, each at the rate the
     calibration measured for its (TP-sharded) weight size; the attention
     score/value products at the measured causal-SDPA rate."""
-    m, t = w.model, layout.tp
-    h, f, kvd = m.dim, m.ffn_dim, m.n_kv_heads * (m.dim // m.n_heads)
+    m, t, h = w.model, layout.tp, w.model.dim
     tokens = w.global_batch * w.seq_len / layout.dp
-    shapes = [(h, h / t), (h, kvd / t), (h, kvd / t), (h / t, h), (h, f / t), (h, f / t), (f / t, h)]
-    per_layer = sum(6 * k * n / _interp(dev.matmul_curve, k * n) for k, n in shapes)
-    head_dim = m.dim // m.n_heads
-    attention_rate = dev.attention_flops or _interp(dev.matmul_curve, w.seq_len * head_dim)
-    attention = 12 * m.dim / t * w.seq_len / attention_rate
     layers = stage_layers(m, layout, 0) if layout.pp > 1 else m.n_layers
     head = 6 * h * m.vocab_size / t / _interp(dev.matmul_curve, h * m.vocab_size / t)
     names = stage_param_names(m, layout, layout.pp - 1)
     has_head = names is None or layout.pp == 1
-    return tokens * (layers * (per_layer + attention) + (head if has_head else 0))
+    return tokens * (layers * block_matmul_time(m, t, w.seq_len, dev) + (head if has_head else 0))
+
+
+def block_matmul_time(m: ModelConfig, t: int, seq_len: int, dev: Device) -> float:
+    """Seconds per token of one block's matmuls and attention, forward + backward."""
+    h, f, kvd = m.dim, m.ffn_dim, m.n_kv_heads * (m.dim // m.n_heads)
+    shapes = [(h, h / t), (h, kvd / t), (h, kvd / t), (h / t, h), (h, f / t), (h, f / t), (f / t, h)]
+    per_layer = sum(6 * k * n / _interp(dev.matmul_curve, k * n) for k, n in shapes)
+    head_dim = m.dim // m.n_heads
+    attention_rate = dev.attention_flops or _interp(dev.matmul_curve, seq_len * head_dim)
+    return per_layer + 12 * m.dim / t * seq_len / attention_rate
 
 
 def _measured_collective_time(col: Collective, dev: Device) -> float:
-    """Per call, the calibrated all-reduce time of that message size, scaled
-    by the bus factor of the collective relative to the calibrated all-reduce."""
+    """Per call, the calibrated time of that collective at that message size
+    (scaled to this group size by the ring bus factor); a collective without
+    its own curve takes the all-reduce curve scaled by the bus factors."""
     per_call = col.bytes / max(col.calls, 1)
     n0 = max(dev.curve_ranks, 2)
-    ar0 = 2 * (n0 - 1) / n0
-    factor = {"all_reduce": 2 * (col.ranks - 1) / col.ranks, "all_gather": (col.ranks - 1) / col.ranks,
-              "reduce_scatter": (col.ranks - 1) / col.ranks, "broadcast": 1.0, "send": 1.0}.get(col.kind, 1.0)
-    return col.calls * _interp(dev.allreduce_curve, per_call) * factor / ar0
+    bus = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
+           "reduce_scatter": lambda n: (n - 1) / n}.get(col.kind, lambda n: 1.0)
+    own = {"all_reduce": dev.allreduce_curve, "all_gather": dev.allgather_curve,
+           "reduce_scatter": dev.reducescatter_curve, "broadcast": dev.broadcast_curve}.get(col.kind)
+    if own:
+        return col.calls * _interp(own, per_call) * bus(col.ranks) / bus(n0)
+    return col.calls * _interp(dev.allreduce_curve, per_call) * bus(col.ranks) / (2 * (n0 - 1) / n0)
 
 
 def _link(cluster: Cluster, layout: Layout, group: str) -> tuple[float, float]:

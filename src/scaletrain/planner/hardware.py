@@ -45,7 +45,22 @@ class Device:
     matmul_curve: tuple = ()
     attention_flops: float = 0.0  # causal SDPA forward + backward, FLOP/s (PaLM's count)
     allreduce_curve: tuple = ()
+    allgather_curve: tuple = ()  # the same for the other collectives, by full-buffer bytes
+    reducescatter_curve: tuple = ()
+    broadcast_curve: tuple = ()
     curve_ranks: int = 0
+    # Also from --calibrate: the rate at which a real transformer block moves
+    # its saved activations through the non-matmul ops (norms, RoPE, SiLU,
+    # residual adds; everything of a measured block's forward + backward that
+    # the matmul and attention rates leave unexplained), and DTensor's
+    # dispatch time per block forward + backward under tensor parallelism,
+    # without and with sequence parallelism (0 = not measured: hbm_gbps and no
+    # dispatch cost).
+    elementwise_gbps: float = 0.0
+    tp_block_overhead_s: float = 0.0
+    sp_block_overhead_s: float = 0.0
+    tp_model_overhead_s: float = 0.0  # the same for the embedding, head and loss, once per pass
+    sp_model_overhead_s: float = 0.0
 
     def peak_flops(self, dtype: str) -> float:
         return getattr(self, dtype) * 1e12
@@ -79,7 +94,8 @@ def load_catalog(extra: Path | None = None) -> dict[str, Device]:
             try:
                 base = catalog.get(name)
                 merged = ({f.name: getattr(base, f.name) for f in fields(Device)} if base else {}) | values
-                for key in ("match", "matmul_curve", "allreduce_curve"):
+                for key in ("match", "matmul_curve", "allreduce_curve", "allgather_curve", "reducescatter_curve",
+                            "broadcast_curve"):
                     merged[key] = tuple(tuple(x) if isinstance(x, list) else x for x in merged.get(key, ()))
                 catalog[name] = Device(**{**merged, "name": name})
             except TypeError as exc:
