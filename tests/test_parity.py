@@ -1,7 +1,6 @@
 """System-level parity: every layout reproduces single-process training of the
 same global batch (per-step losses and final parameters, fp32)."""
 
-import sys
 
 import pytest
 import torch

@@ -143,3 +143,41 @@ def test_memory_model_monotone():
     assert base > z[0] and math.isclose(z[0], z[1])
     assert parse_cluster(load_catalog(), "h100-sxm", 16, 8).nodes == 2
     assert replace(Layout(), tp=2).world == 2
+
+
+def test_calibration_arithmetic():
+    """What --calibrate derives from its measurements, and how the estimate uses it."""
+    from scaletrain.planner import calibrate
+    from scaletrain.planner.estimate import Collective, _measured_collective_time, block_matmul_time, estimate
+    from scaletrain.planner.hardware import Cluster
+
+    assert calibrate.monotone([[4, 3.0], [8, 1.0], [16, 2.0], [32, 5.0]]) == [[4, 1.0], [8, 1.0], [16, 2.0],
+                                                                                 [32, 5.0]]
+    times = {"1 plain": 1.0, "2 plain": 1.5, "1 tp": 1.3, "2 tp": 2.0, "1 sp": 1.4, "2 sp": 2.2}
+    costs = calibrate.dispatch_costs(times)
+    assert costs["tp_block_overhead_s"] == pytest.approx(0.2) and costs["tp_model_overhead_s"] == pytest.approx(0.1)
+    assert costs["sp_block_overhead_s"] == pytest.approx(0.3) and costs["sp_model_overhead_s"] == pytest.approx(0.1)
+
+    flat = replace(load_catalog()["a100-80g"], matmul_curve=((1, 1e10), (1e9, 1e10)), attention_flops=1e10,
+                   allgather_curve=((1024, 0.5), (2048, 1.0)), curve_ranks=2)
+    cfg = replace(ModelConfig(), **calibrate.BLOCK_SHAPE, n_layers=1, vocab_size=256)
+    tokens = calibrate.BLOCK_BATCH * calibrate.BLOCK_SEQ
+    matmul_s = tokens * block_matmul_time(cfg, 1, calibrate.BLOCK_SEQ, flat)
+    rate = calibrate.elementwise_rate(flat, matmul_s + 0.25)
+    rate_half = calibrate.elementwise_rate(flat, matmul_s + 0.5)
+    assert rate == pytest.approx(2 * rate_half)  # the unexplained time moves the saved bytes
+
+    # A collective with its own curve uses it (2 calls of 2 KiB on the calibrated 2 ranks).
+    assert _measured_collective_time(Collective("all_gather", "dp_shard", 4096, 2, 2), flat) == pytest.approx(2.0)
+
+    # DTensor dispatch: per block and pass, plus the model's share, on TP layouts only.
+    w = Workload(replace(ModelConfig(), **{**MODEL_PRESETS["small"], "vocab_size": 256}), 256, 8, "fp32")
+    cluster = Cluster(((flat, 2),), gpus_per_node=2)
+    tp = Layout(tp=2, micro_batch=4)  # 2 micro-steps of 4 sequences
+    base = estimate(w, tp, cluster, "cpu").compute_s
+    slow = replace(flat, tp_block_overhead_s=0.01, tp_model_overhead_s=0.05)
+    assert estimate(w, tp, Cluster(((slow, 2),), gpus_per_node=2), "cpu").compute_s - base == \
+        pytest.approx(2 * (4 * 0.01 + 0.05))
+    ddp = Layout(dp_replicate=2, micro_batch=4)
+    assert estimate(w, ddp, Cluster(((slow, 2),), gpus_per_node=2), "cpu").compute_s == \
+        pytest.approx(estimate(w, ddp, cluster, "cpu").compute_s)

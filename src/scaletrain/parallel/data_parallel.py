@@ -26,7 +26,7 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatt
 from torch.nn.parallel import DistributedDataParallel
 
 from scaletrain.config import Config
-from scaletrain.errors import UserError
+from scaletrain.parallel.dims import check_offload
 
 PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
@@ -110,12 +110,6 @@ class GlooReduceScatter(_Empty, ReduceScatter):
     def __call__(self, output_tensor, input_tensor, group, op, async_op: bool = False) -> None:
         dist.all_reduce(input_tensor, op=op, group=group)
         output_tensor.copy_(input_tensor.view(group.size(), -1)[group.rank()])
-
-
-def check_offload(cfg: Config, device_type: str) -> None:
-    if cfg.parallel.cpu_offload and device_type != "cuda":
-        raise UserError("parallel.cpu_offload = true needs CUDA devices: FSDP2's CPUOffloadPolicy moves "
-                        "parameters and optimizer states between CPU and GPU, and this run is on CPU")
 
 
 def build_zero1_optimizer(params, dp_mesh, defaults: dict) -> torch.optim.Optimizer:

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from scaletrain.config import ParallelConfig
+from scaletrain.config import Config, ParallelConfig
 from scaletrain.errors import UserError
 
 
@@ -65,3 +65,9 @@ class ParallelDims:
         if self.world_size == 1:
             return None
         return init_device_mesh(device_type, tuple(self.degrees().values()), mesh_dim_names=self.names)
+
+
+def check_offload(cfg: Config, device_type: str) -> None:
+    if cfg.parallel.cpu_offload and device_type != "cuda":
+        raise UserError("parallel.cpu_offload = true needs CUDA devices: FSDP2's CPUOffloadPolicy moves "
+                        "parameters and optimizer states between CPU and GPU, and this run is on CPU")

@@ -206,6 +206,15 @@ def elementwise_rate(device: Device, block_s: float) -> float:
 CURVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
 
 
+def monotone(curve: list[list[float]]) -> list[list[float]]:
+    """A message is never slower than a bigger one: scheduling spikes at small
+    sizes (gloo on a shared machine) take the next size's time."""
+    out = [list(point) for point in curve]
+    for i in range(len(out) - 2, -1, -1):
+        out[i][1] = min(out[i][1], out[i + 1][1])
+    return out
+
+
 def collective_costs(nproc: int) -> tuple[float, float, dict[str, list[list[float]]]]:
     """(all-reduce bus bandwidth bytes/s, per-step latency s, {op: [[bytes, s per call], ...]})
     from one `scaletrain bench comm` sweep of each collective the trainer issues."""
@@ -217,14 +226,7 @@ def collective_costs(nproc: int) -> tuple[float, float, dict[str, list[list[floa
         if proc.returncode != 0:
             raise RuntimeError(f"bench comm failed:\n{proc.stderr[-2000:]}")
         rows = json.loads(out.read_text())["results"]
-    curves = {}
-    for op in CURVE_OPS:
-        # A message is never slower than a bigger one: scheduling spikes at small
-        # sizes (gloo on a shared machine) are replaced by the next size's time.
-        curve = [[r["bytes"], r["time_us"] * 1e-6] for r in rows if r["op"] == op]
-        for i in range(len(curve) - 2, -1, -1):
-            curve[i][1] = min(curve[i][1], curve[i + 1][1])
-        curves[op] = curve
+    curves = {op: monotone([[r["bytes"], r["time_us"] * 1e-6] for r in rows if r["op"] == op]) for op in CURVE_OPS}
     n = rows[0]["ranks"]
     bandwidth = [r for r in rows if r["op"] == "all_reduce"][-1]["busbw_gbps"] * 1e9
     latency = curves["all_reduce"][0][1] / (2 * (n - 1))  # the smallest message: all latency

@@ -20,14 +20,13 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-from scaletrain.checkpoint import CheckpointError, check_checkpoint_paths
+from scaletrain.checkpoint.paths import CheckpointError, check_checkpoint_paths
 from scaletrain.config import Config, load_config
 from scaletrain.data import prepare_corpus
 from scaletrain.errors import UserError
-from scaletrain.parallel import ParallelDims
-from scaletrain.parallel.data_parallel import check_offload
+from scaletrain.parallel.dims import ParallelDims, check_offload
 from scaletrain.parallel.runtime import init_runtime, run_local, shutdown, under_launcher
-from scaletrain.train.trainer import Trainer, check_data, grad_accum_steps, resolve_vocab
+from scaletrain.train.checks import check_data, grad_accum_steps, resolve_vocab
 
 
 def default_run_dir() -> Path:
@@ -118,6 +117,8 @@ def run_worker(cfg: Config, run_dir: Path | None, exit_hard: bool = True) -> int
     its C++ destructors at interpreter exit ("terminate called without an
     active exception") after a run that finished, which torchrun would report
     as a failure."""
+    from scaletrain.train.trainer import Trainer
+
     runtime = init_runtime()
     code = 1
     trainer = None

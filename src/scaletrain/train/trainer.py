@@ -9,7 +9,6 @@ loss -> backward (DDP reduce hooks on the last micro-step) -> global-norm clip
 from __future__ import annotations
 
 import contextlib
-import dataclasses
 import json
 import os
 import signal
@@ -27,49 +26,18 @@ from torch.nn.parallel import DistributedDataParallel
 
 from scaletrain.checkpoint import CheckpointManager, find_resume_dir
 from scaletrain.config import Config, parse_fault, pipeline_microbatches
-from scaletrain.data import DistributedBatchSampler, SequenceDataset, TokenCorpus, prepare_corpus
+from scaletrain.data import DistributedBatchSampler, prepare_corpus
 from scaletrain.debug.watchdog import Watchdog
-from scaletrain.errors import UserError
 from scaletrain.model import Llama, cross_entropy_loss, generate, param_count, train_flops_per_token
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
 from scaletrain.parallel.runtime import Runtime
+from scaletrain.train.checks import check_data, grad_accum_steps, resolve_vocab
 from scaletrain.train.display import ProgressDisplay
 from scaletrain.train.measure import StepProbe
 from scaletrain.train.metrics import MetricsWriter, device_peak_flops, mem_peak_bytes
 from scaletrain.train.optim import build_scheduler
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-VOCAB_MULTIPLE = 64
-
-
-def grad_accum_steps(cfg: Config, dims: ParallelDims) -> int:
-    """global = micro x dp x accumulation, all integers."""
-    t = cfg.training
-    per_step = t.micro_batch_size * dims.dp_size
-    if t.global_batch_size % per_step:
-        raise UserError(f"training.global_batch_size = {t.global_batch_size} is not divisible by "
-                        f"micro_batch_size x data-parallel size = {t.micro_batch_size} x {dims.dp_size}")
-    return t.global_batch_size // per_step
-
-
-def resolve_vocab(cfg: Config, vocab_size: int) -> Config:
-    """model.vocab_size 0 -> the tokenizer's vocabulary rounded up to 64."""
-    if cfg.model.vocab_size == 0:
-        padded = -(-vocab_size // VOCAB_MULTIPLE) * VOCAB_MULTIPLE
-        return dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, vocab_size=padded))
-    if cfg.model.vocab_size < vocab_size:
-        raise UserError(f"model.vocab_size = {cfg.model.vocab_size} is smaller than the tokenizer's "
-                        f"vocabulary ({vocab_size}); use 0 to size it from the tokenizer")
-    return cfg
-
-
-def check_data(cfg: Config, corpus: TokenCorpus) -> SequenceDataset:
-    dataset = SequenceDataset(corpus.tokens(), cfg.data.seq_len)
-    # Raises a UserError when the corpus cannot fill one global batch.
-    DistributedBatchSampler(dataset.n_sequences, cfg.training.global_batch_size)
-    return dataset
-
-
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime, show_progress: bool = True):
         self.runtime, self.run_dir = runtime, run_dir

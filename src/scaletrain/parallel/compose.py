@@ -1,0 +1,186 @@
+"""Parallelism applied to a plain model from outside; ``parallelize`` is the one entry.
+
+Order (torchtitan's): pipeline split -> tensor parallel -> activation
+checkpointing -> compile -> data parallel (DDP / ZeRO / FSDP / HSDP), each
+part on its named slice of the one DeviceMesh (pp, dp_replicate, dp_shard, tp).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from collections import defaultdict
+from dataclasses import dataclass
+from itertools import chain
+
+import torch
+import torch.distributed as dist
+from torch import nn
+from torch.distributed.fsdp import FSDPModule
+from torch.distributed.tensor import DTensor
+from torch.nn.parallel import DistributedDataParallel
+
+from scaletrain.config import Config, pipeline_microbatches, pipeline_virtual_stages
+from scaletrain.parallel.activation_checkpoint import apply_activation_checkpointing
+from scaletrain.parallel.data_parallel import apply_ddp, apply_fsdp, build_zero1_optimizer
+from scaletrain.parallel.dims import ParallelDims
+from scaletrain.parallel.pipeline import Pipeline, build_pipeline, local_stage_ids, split_stage, stage_layer_ranges
+from scaletrain.parallel.tensor_parallel import apply_tensor_parallel
+
+# Name components that wrappers add to parameter names (DDP, checkpoint_wrapper, torch.compile).
+_WRAPPER_NAMES = {"module", "_checkpoint_wrapped_module", "_orig_mod"}
+
+
+def canonical_name(name: str) -> str:
+    """A parameter's name in the plain single model, without wrapper components."""
+    return ".".join(piece for piece in name.split(".") if piece not in _WRAPPER_NAMES)
+
+
+@dataclass
+class ParallelModel:
+    """What this rank trains: one part, or its pipeline stages."""
+
+    parts: list[nn.Module]
+    pipeline: Pipeline | None
+    dims: ParallelDims
+    mesh: object
+
+    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+        assert self.pipeline is None, "a pipelined model runs through its schedule"
+        return self.parts[0](tokens)
+
+    def parameters(self):
+        return chain.from_iterable(part.parameters() for part in self.parts)
+
+    def gradient_sync(self, enabled: bool):
+        """Skip the gradient reduction on accumulation micro-steps but the last."""
+        part = self.parts[0]
+        if isinstance(part, DistributedDataParallel) and not enabled:
+            return part.no_sync()
+        if isinstance(part, FSDPModule):
+            part.set_requires_gradient_sync(enabled)
+        return contextlib.nullcontext()
+
+    def group(self, name: str):
+        """The process group of one mesh dimension, or None if it has one rank."""
+        if self.mesh is None or getattr(self.dims, name) == 1:
+            return None
+        return self.mesh[name].get_group()
+
+    def full_state_dict(self) -> dict[str, torch.Tensor]:
+        """Full fp32 parameters by their single-model names, on pipeline rank 0
+        of each (dp, tp) coordinate (global rank 0 among them); a collective."""
+        state = {}
+        for part in self.parts:
+            for name, param in part.named_parameters():
+                name = canonical_name(name)
+                full = param.full_tensor() if isinstance(param, DTensor) else param
+                state[name] = full.detach().float().cpu().contiguous()
+        pp_group = self.group("pp")
+        if pp_group is not None:
+            pieces = [None] * self.dims.pp if self.mesh["pp"].get_local_rank() == 0 else None
+            dist.gather_object(state, pieces, dst=dist.get_global_rank(pp_group, 0), group=pp_group)
+            if pieces is not None:
+                state = {k: v for piece in pieces for k, v in piece.items()}
+        return state
+
+
+def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg: Config, device: torch.device,
+                loss_fn) -> ParallelModel:
+    p = cfg.parallel
+    stage_ids: list[int] = [0]
+    parts = [model]
+    if dims.pp > 1:
+        n_stages = dims.pp * pipeline_virtual_stages(p)
+        ranges = stage_layer_ranges(cfg.model, n_stages)
+        stage_ids = local_stage_ids(mesh["pp"].get_local_rank(), dims.pp, pipeline_virtual_stages(p), p.pp_schedule)
+        parts = [split_stage(model, ranges[i], i == 0, i == n_stages - 1) for i in stage_ids]
+    parts = [_parallelize_part(part, dims, mesh, cfg, device) for part in parts]
+    pipeline = None
+    if dims.pp > 1:
+        pipeline = build_pipeline(parts, stage_ids, n_stages, p.pp_schedule, pipeline_microbatches(cfg),
+                                  loss_fn, mesh["pp"].get_group(), device)
+    return ParallelModel(parts, pipeline, dims, mesh)
+
+
+def _parallelize_part(part: nn.Module, dims: ParallelDims, mesh, cfg: Config, device: torch.device) -> nn.Module:
+    if dims.tp > 1:
+        apply_tensor_parallel(part, mesh["tp"], cfg.parallel.sequence_parallel)
+    apply_activation_checkpointing(part.layers, cfg.training.activation_checkpointing)
+    if cfg.training.compile:
+        for key, block in list(part.layers.items()):
+            part.layers[key] = torch.compile(block)
+    if dims.dp_size == 1:
+        return part
+    stage, plain = cfg.parallel.zero_stage, dims.tp == 1 and dims.pp == 1
+    if stage == 0 and plain:
+        return apply_ddp(part, mesh["dp_replicate"], cfg, device)
+    if stage == 1:
+        return apply_ddp(part, mesh["dp_shard"], cfg, device)
+    # Stage 0 with TP or PP: FSDP2 over (dp_replicate, dp_shard = 1) is pure
+    # replication (all-reduce) that, unlike DDP, takes TP's DTensor parameters
+    # and the pipeline's several backward passes per step.
+    dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
+    return apply_fsdp(part, dp_mesh, cfg, device)
+
+
+def build_optimizer(model: ParallelModel, cfg: Config) -> torch.optim.Optimizer:
+    """AdamW (Loshchilov & Hutter 2019): matrices decayed, norm weights not.
+    ZeRO-1 wraps it in ZeroRedundancyOptimizer over the dp_shard ranks."""
+    t = cfg.training
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [
+        {"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
+        {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0},
+    ]
+    # The fused kernel is the fastest on CPU and GPU, DTensor parameters included.
+    defaults = {"lr": t.lr, "betas": (t.beta1, t.beta2), "eps": 1e-8,
+                "fused": True}
+    if cfg.parallel.zero_stage == 1 and model.dims.dp_shard > 1:
+        return build_zero1_optimizer(groups, model.mesh["dp_shard"], defaults)
+    return torch.optim.AdamW(groups, **defaults)
+
+
+@torch.no_grad()
+def clip_grad_norm(model: ParallelModel, max_norm: float) -> torch.Tensor:
+    """Global gradient 2-norm over all shards and stages, then clip to ``max_norm``.
+
+    Each rank sums the squares of its local gradient pieces, grouped by the
+    mesh dimensions they are sharded over; each group is then summed with one
+    all-reduce of a scalar per sharded dimension (replicated dimensions hold
+    copies and are not summed), and pipeline stages add theirs. Working on the
+    local tensors keeps DTensor dispatch out of this per-step path; gradients
+    with a Partial placement (none in the layouts built here) take DTensor's
+    own reduction."""
+    plain, partial, by_dims = [], [], defaultdict(list)
+    for param in model.parameters():
+        g = param.grad
+        if g is None:
+            continue
+        if not isinstance(g, DTensor):
+            plain.append(g)
+        elif any(p.is_partial() for p in g.placements):
+            partial.append(g)
+        else:  # Shard and FSDP x TP's _StridedShard: disjoint pieces to sum over
+            dims = tuple(d for d, p in enumerate(g.placements) if not p.is_replicate())
+            by_dims[(g.device_mesh, dims)].append(g.to_local())
+    device = next(model.parameters()).device
+    total_sq = torch.zeros((), device=device)
+    if partial:
+        total_sq += torch.nn.utils.get_total_norm(partial, 2.0).full_tensor().float() ** 2
+    for (mesh, dims), grads in [((None, ()), plain), *by_dims.items()]:
+        if not grads:
+            continue
+        sq = torch.nn.utils.get_total_norm(grads, 2.0).float() ** 2
+        for dim in dims:
+            dist.all_reduce(sq, group=mesh.get_group(dim))
+        total_sq += sq
+    if (pp_group := model.group("pp")) is not None:
+        dist.all_reduce(total_sq, group=pp_group)
+    total = total_sq.sqrt()
+    if math.isfinite(max_norm):
+        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
+        grads = [g.to_local() if isinstance(g, DTensor) else g
+                 for p in model.parameters() if (g := p.grad) is not None]
+        torch._foreach_mul_(grads, coef)
+    return total
