@@ -17,6 +17,8 @@ import time
 import torch
 import torch.distributed as dist
 
+from scaletrain.parallel.runtime import all_gather_single, reduce_scatter_single
+
 OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast", "send_recv")
 BUS_FACTOR = {
     "all_reduce": lambda n: 2 * (n - 1) / n,
@@ -47,13 +49,13 @@ def _run_once(op: str, nbytes: int, device: torch.device, check: bool) -> bool:
     if op == "all_gather":
         piece = max(1, numel // n)
         out = torch.empty(piece * n, device=device)
-        dist.all_gather_into_tensor(out, torch.full((piece,), float(rank), device=device))
+        all_gather_single(out, torch.full((piece,), float(rank), device=device))
         expected = torch.arange(n, device=device, dtype=torch.float32).repeat_interleave(piece)
         return not check or bool(torch.equal(out, expected))
     if op == "reduce_scatter":
         piece = max(1, numel // n)
         out = torch.empty(piece, device=device)
-        dist.reduce_scatter_tensor(out, torch.full((piece * n,), float(rank + 1), device=device))
+        reduce_scatter_single(out, torch.full((piece * n,), float(rank + 1), device=device))
         return not check or bool(torch.all(out == n * (n + 1) / 2))
     if op == "broadcast":
         t = torch.full((numel,), float(rank + 7), device=device)

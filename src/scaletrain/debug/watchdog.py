@@ -67,7 +67,8 @@ def _where(frames: list[dict]) -> dict:
             "code": top["code"] if top else None, "in_collective": collective}
 
 
-_COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "broadcast",
+_COLLECTIVES = {"all_reduce", "all_gather", "all_gather_into_tensor", "reduce_scatter_tensor", "all_gather_single",
+                "reduce_scatter_single", "broadcast",
                 "barrier", "monitored_barrier", "send", "recv", "all_gather_object", "broadcast_object_list",
                 "gather_object", "all_to_all_single", "reduce", "gather", "scatter", "wait", "reduce_scatter"}
 

@@ -14,6 +14,11 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
+# torch 2.13 renamed the tensor forms of all-gather and reduce-scatter (the old
+# names warn on every call); older torch only has the old names.
+all_gather_single = getattr(dist, "all_gather_single", dist.all_gather_into_tensor)
+reduce_scatter_single = getattr(dist, "reduce_scatter_single", dist.reduce_scatter_tensor)
+
 
 @dataclass(frozen=True)
 class Runtime:

@@ -30,7 +30,7 @@ from scaletrain.data import DistributedBatchSampler, prepare_corpus
 from scaletrain.debug.watchdog import Watchdog
 from scaletrain.model import Llama, cross_entropy_loss, generate, param_count, train_flops_per_token
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
-from scaletrain.parallel.runtime import Runtime
+from scaletrain.parallel.runtime import Runtime, all_gather_single
 from scaletrain.train.checks import check_data, grad_accum_steps, resolve_vocab
 from scaletrain.train.display import ProgressDisplay
 from scaletrain.train.measure import StepProbe
@@ -218,7 +218,7 @@ class Trainer:
             return []
         local = torch.tensor([mine], dtype=torch.float64, device=self.runtime.device)
         times = torch.empty(self.runtime.world_size, dtype=torch.float64, device=self.runtime.device)
-        dist.all_gather_into_tensor(times, local)
+        all_gather_single(times, local)
         times = times.tolist()
         median = statistics.median(times)
         return [{"rank": r, "forward_s": t, "ratio": t / median} for r, t in enumerate(times)
