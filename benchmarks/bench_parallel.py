@@ -99,7 +99,7 @@ def deepspeed_runs(model: str) -> dict:
     from scaletrain.config import load_config
     from scaletrain.data import SequenceDataset, prepare_corpus
     from scaletrain.model import Llama
-    from scaletrain.train.trainer import resolve_vocab
+    from scaletrain.train.checks import resolve_vocab
 
     rank, world = torch.distributed.get_rank(), torch.distributed.get_world_size()
     cfg = load_config(None, base_overrides(model) + DP)

@@ -27,7 +27,8 @@ from scaletrain.config import Config, load_config
 from scaletrain.data import SequenceDataset, prepare_corpus
 from scaletrain.model import Llama
 from scaletrain.parallel.runtime import init_runtime, shutdown
-from scaletrain.train.trainer import Trainer, resolve_vocab
+from scaletrain.train.checks import resolve_vocab
+from scaletrain.train.trainer import Trainer
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -152,18 +152,20 @@ def clip_grad_norm(model: ParallelModel, max_norm: float) -> torch.Tensor:
     local tensors keeps DTensor dispatch out of this per-step path; gradients
     with a Partial placement (none in the layouts built here) take DTensor's
     own reduction."""
-    plain, partial, by_dims = [], [], defaultdict(list)
+    plain, partial, by_dims, local = [], [], defaultdict(list), []
     for param in model.parameters():
         g = param.grad
         if g is None:
             continue
-        if not isinstance(g, DTensor):
+        piece = g.to_local() if isinstance(g, DTensor) else g
+        local.append(piece)
+        if piece is g:
             plain.append(g)
         elif any(p.is_partial() for p in g.placements):
             partial.append(g)
         else:  # Shard and FSDP x TP's _StridedShard: disjoint pieces to sum over
             dims = tuple(d for d, p in enumerate(g.placements) if not p.is_replicate())
-            by_dims[(g.device_mesh, dims)].append(g.to_local())
+            by_dims[(g.device_mesh, dims)].append(piece)
     device = next(model.parameters()).device
     total_sq = torch.zeros((), device=device)
     if partial:
@@ -179,8 +181,5 @@ def clip_grad_norm(model: ParallelModel, max_norm: float) -> torch.Tensor:
         dist.all_reduce(total_sq, group=pp_group)
     total = total_sq.sqrt()
     if math.isfinite(max_norm):
-        coef = (max_norm / (total + 1e-6)).clamp(max=1.0)
-        grads = [g.to_local() if isinstance(g, DTensor) else g
-                 for p in model.parameters() if (g := p.grad) is not None]
-        torch._foreach_mul_(grads, coef)
+        torch._foreach_mul_(local, (max_norm / (total + 1e-6)).clamp(max=1.0))
     return total

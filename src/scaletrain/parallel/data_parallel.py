@@ -80,12 +80,14 @@ def apply_fsdp(model: nn.Module, dp_mesh, cfg: Config, device: torch.device) -> 
     return model
 
 
-class _Empty:
+class _PlainBuffers:
+    """FSDP's communication buffers from the ordinary allocator."""
+
     def allocate(self, size, *, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
         return torch.empty(*size, dtype=dtype, device=device)
 
 
-class GlooAllGather(_Empty, AllGather):
+class GlooAllGather(_PlainBuffers, AllGather):
     """FSDP2's all-gather on gloo as one in-place broadcast per rank.
 
     FSDP copies each rank's shard into its slot of the output buffer first.
@@ -99,7 +101,7 @@ class GlooAllGather(_Empty, AllGather):
             dist.broadcast(chunk, group=group, group_src=src)
 
 
-class GlooReduceScatter(_Empty, ReduceScatter):
+class GlooReduceScatter(_PlainBuffers, ReduceScatter):
     """FSDP2's reduce-scatter on gloo as an in-place all-reduce of FSDP's own
     staging buffer, keeping this rank's slot.
 

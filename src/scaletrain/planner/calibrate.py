@@ -242,14 +242,15 @@ def calibrate(name: str, nproc: int, progress=print) -> Device:
     progress(f"all-reduce sweep over {nproc} workers (scaletrain bench comm) ...")
     link, latency, curves = collective_costs(nproc)
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / nproc
+    collective_curves = {f"{op.replace('_', '')}_curve": tuple(map(tuple, c)) for op, c in curves.items()}
     device = Device(name=name, description=f"this machine: {cores} CPU cores / {nproc} workers (calibrated)",
-                  memory_gib=round(memory_gib, 1), bf16=0.0, fp16=0.0, fp32=flops / 1e12,
-                  hbm_gbps=bandwidth / 1e9, intra="gloo-local", intra_gbps=link / 1e9,
-                  intra_latency_us=latency * 1e6, inter="gloo-local", inter_gbps=link / 1e9,
-                  inter_latency_us=latency * 1e6, matmul_efficiency=1.0, overhead_gib=0.0, overlap=0.0,
-                  matmul_curve=tuple(tuple(x) for x in curve), attention_flops=attention, **{f"{op.replace('_', '')}_curve": tuple(tuple(x) for x in c) for op, c in curves.items()},
-                  curve_ranks=nproc,
-                  **dispatch_costs(blocks))
+                    memory_gib=round(memory_gib, 1), bf16=0.0, fp16=0.0, fp32=flops / 1e12,
+                    hbm_gbps=bandwidth / 1e9, intra="gloo-local", intra_gbps=link / 1e9,
+                    intra_latency_us=latency * 1e6, inter="gloo-local", inter_gbps=link / 1e9,
+                    inter_latency_us=latency * 1e6, matmul_efficiency=1.0, overhead_gib=0.0, overlap=0.0,
+                    matmul_curve=tuple(map(tuple, curve)), attention_flops=attention, curve_ranks=nproc,
+                    **collective_curves, **dispatch_costs(blocks))
+    # The elementwise rate is what the block's time leaves after this device's matmul and attention rates.
     return dataclasses.replace(device, elementwise_gbps=elementwise_rate(device, blocks["block"]) / 1e9)
 
 

@@ -708,13 +708,16 @@ def _measured_collective_time(col: Collective, dev: Device) -> float:
     its own curve takes the all-reduce curve scaled by the bus factors."""
     per_call = col.bytes / max(col.calls, 1)
     n0 = max(dev.curve_ranks, 2)
-    bus = {"all_reduce": lambda n: 2 * (n - 1) / n, "all_gather": lambda n: (n - 1) / n,
-           "reduce_scatter": lambda n: (n - 1) / n}.get(col.kind, lambda n: 1.0)
     own = {"all_reduce": dev.allreduce_curve, "all_gather": dev.allgather_curve,
            "reduce_scatter": dev.reducescatter_curve, "broadcast": dev.broadcast_curve}.get(col.kind)
-    if own:
-        return col.calls * _interp(own, per_call) * bus(col.ranks) / bus(n0)
-    return col.calls * _interp(dev.allreduce_curve, per_call) * bus(col.ranks) / (2 * (n0 - 1) / n0)
+    measured_kind = col.kind if own else "all_reduce"
+    return col.calls * _interp(own or dev.allreduce_curve, per_call) * _bus(col.kind, col.ranks) \
+        / _bus(measured_kind, n0)
+
+
+def _bus(kind: str, n: int) -> float:
+    """nccl-tests' bus factor: bytes each rank moves per byte of the collective."""
+    return {"all_reduce": 2 * (n - 1) / n, "all_gather": (n - 1) / n, "reduce_scatter": (n - 1) / n}.get(kind, 1.0)
 
 
 def _link(cluster: Cluster, layout: Layout, group: str) -> tuple[float, float]:

@@ -69,6 +69,9 @@ class Device:
         return self.peak_flops(dtype) * self.matmul_efficiency
 
 
+TUPLE_FIELDS = tuple(f.name for f in fields(Device) if f.name == "match" or f.name.endswith("_curve"))
+
+
 def user_catalog_path() -> Path:
     return Path(os.environ.get("SCALETRAIN_HARDWARE", USER_CATALOG)).expanduser()
 
@@ -94,8 +97,7 @@ def load_catalog(extra: Path | None = None) -> dict[str, Device]:
             try:
                 base = catalog.get(name)
                 merged = ({f.name: getattr(base, f.name) for f in fields(Device)} if base else {}) | values
-                for key in ("match", "matmul_curve", "allreduce_curve", "allgather_curve", "reducescatter_curve",
-                            "broadcast_curve"):
+                for key in TUPLE_FIELDS:
                     merged[key] = tuple(tuple(x) if isinstance(x, list) else x for x in merged.get(key, ()))
                 catalog[name] = Device(**{**merged, "name": name})
             except TypeError as exc:

@@ -1,10 +1,7 @@
-from importlib import import_module
+"""The trainer and its launcher; names load on first use."""
+
+from scaletrain.lazy import lazy_getattr
 
 _WHERE = {"Trainer": "trainer", "train": "launch"}
 __all__ = list(_WHERE)
-
-
-def __getattr__(name: str):
-    if name in _WHERE:
-        return getattr(import_module(f"scaletrain.train.{_WHERE[name]}"), name)
-    raise AttributeError(f"module 'scaletrain.train' has no attribute {name!r}")
+__getattr__ = lazy_getattr(__name__, _WHERE)
