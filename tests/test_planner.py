@@ -153,10 +153,19 @@ def test_calibration_arithmetic():
 
     assert calibrate.monotone([[4, 3.0], [8, 1.0], [16, 2.0], [32, 5.0]]) == [[4, 1.0], [8, 1.0], [16, 2.0],
                                                                                  [32, 5.0]]
-    times = {"1 plain": 1.0, "2 plain": 1.5, "1 tp": 1.3, "2 tp": 2.0, "1 sp": 1.4, "2 sp": 2.2}
-    costs = calibrate.dispatch_costs(times)
-    assert costs["tp_block_overhead_s"] == pytest.approx(0.2) and costs["tp_model_overhead_s"] == pytest.approx(0.1)
-    assert costs["sp_block_overhead_s"] == pytest.approx(0.3) and costs["sp_model_overhead_s"] == pytest.approx(0.1)
+    # TP's extra cost: on a device whose compute and collectives take no time, the
+    # measured times are all overhead, split into per block and per model pass.
+    free = replace(load_catalog()["a100-80g"], matmul_curve=((1, 1e30), (1e9, 1e30)), attention_flops=1e30,
+                   elementwise_gbps=1e30, hbm_gbps=1e30, allreduce_curve=((1, 1e-30), (1e9, 1e-30)), curve_ranks=2)
+    per = {"tp": [(0.01, 0.02), (0.03, 0.01)], "sp": [(0.02, 0.01), (0.04, 0.03)]}  # (block, model) at 2 sizes
+    times = {f"{kind} {i}": per[kind][i // 2][0] * layers + per[kind][i // 2][1]
+             for kind in per for i, (_, _, _, layers) in enumerate(calibrate.TP_MODELS)}
+    curves = calibrate.dispatch_curves(free, times, 2)
+    for kind in per:
+        for (elems, block_s, model_s), (want_block, want_model), (shape, batch, seq, _) in zip(
+                curves[f"{kind}_dispatch_curve"], per[kind], calibrate.TP_MODELS[::2]):
+            assert elems == batch * seq * shape["dim"]
+            assert (block_s, model_s) == (pytest.approx(want_block), pytest.approx(want_model))
 
     flat = replace(load_catalog()["a100-80g"], matmul_curve=((1, 1e10), (1e9, 1e10)), attention_flops=1e10,
                    allgather_curve=((1024, 0.5), (2048, 1.0)), curve_ranks=2)
@@ -170,12 +179,14 @@ def test_calibration_arithmetic():
     # A collective with its own curve uses it (2 calls of 2 KiB on the calibrated 2 ranks).
     assert _measured_collective_time(Collective("all_gather", "dp_shard", 4096, 2, 2), flat) == pytest.approx(2.0)
 
-    # DTensor dispatch: per block and pass, plus the model's share, on TP layouts only.
+    # TP's extra cost: per block and pass, plus the model's share, interpolated
+    # in the pass's activation elements, on TP layouts only.
     w = Workload(replace(ModelConfig(), **{**MODEL_PRESETS["small"], "vocab_size": 256}), 256, 8, "fp32")
     cluster = Cluster(((flat, 2),), gpus_per_node=2)
-    tp = Layout(tp=2, micro_batch=4)  # 2 micro-steps of 4 sequences
+    tp = Layout(tp=2, micro_batch=4)  # 2 micro-steps of 4 x 256 tokens of width 256
     base = estimate(w, tp, cluster, "cpu").compute_s
-    slow = replace(flat, tp_block_overhead_s=0.01, tp_model_overhead_s=0.05)
+    elems = 4 * 256 * 256
+    slow = replace(flat, tp_dispatch_curve=((0, 0.0, 0.05), (2 * elems, 0.02, 0.05)))
     assert estimate(w, tp, Cluster(((slow, 2),), gpus_per_node=2), "cpu").compute_s - base == \
         pytest.approx(2 * (4 * 0.01 + 0.05))
     ddp = Layout(dp_replicate=2, micro_batch=4)

@@ -9,9 +9,9 @@ from ``scaletrain bench comm`` (gloo here, NCCL on GPUs) with ``nproc`` ranks.
 
 from __future__ import annotations
 
-import contextlib
 import dataclasses
 import json
+import math
 import os
 import subprocess
 import sys
@@ -106,66 +106,43 @@ def attention_flops(threads: int, batch: int = 4, heads: int = 8, seq: int = 256
 # The block whose forward + backward calibrates the elementwise rate ("small": 4 x 256 tokens).
 BLOCK_SHAPE = dict(dim=256, n_heads=8, n_kv_heads=4, ffn_dim=704)
 BLOCK_BATCH, BLOCK_SEQ = 4, 256
-# A block so small that its time is all per-op dispatch.
-TINY_SHAPE = dict(dim=32, n_heads=2, n_kv_heads=1, ffn_dim=64)
+# A model so small that its time under TP is all DTensor's fixed costs.
+TINY_SHAPE = dict(dim=32, n_heads=4, n_kv_heads=4, ffn_dim=64)
+TINY_BATCH, TINY_SEQ = 1, 16
+VOCAB = 256
+# (shape, batch, seq, layers): the models timed under TP; 1 and 3 layers
+# separate the per-block from the per-model cost, two sizes their growth.
+TP_MODELS = [(TINY_SHAPE, TINY_BATCH, TINY_SEQ, 1), (TINY_SHAPE, TINY_BATCH, TINY_SEQ, 3),
+             (BLOCK_SHAPE, BLOCK_BATCH, BLOCK_SEQ, 1), (BLOCK_SHAPE, BLOCK_BATCH, BLOCK_SEQ, 3)]
 
 
-def block_times(threads: int) -> dict[str, float]:
-    """Median forward + backward seconds: of one Llama block at BLOCK_SHAPE;
-    and at TINY_SHAPE, of whole 1- and 2-layer models with their loss, plain
-    and under DTensor TP and TP + SP on a 1-rank mesh (the dispatch work per
-    op is that of any TP degree; the collectives, measured separately, are
-    skipped on one rank)."""
-    import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
-    from torch.distributed.tensor.parallel import loss_parallel
-
+def block_time(threads: int) -> float:
+    """Median forward + backward seconds of one Llama block at BLOCK_SHAPE."""
     from scaletrain.config import ModelConfig
-    from scaletrain.model.llama import Llama, cross_entropy_loss, rope_tables
-    from scaletrain.parallel.tensor_parallel import apply_tensor_parallel
+    from scaletrain.model.llama import Llama, rope_tables
 
     previous = torch.get_num_threads()
     torch.set_num_threads(threads)
-    dist.init_process_group("gloo", store=dist.HashStore(), rank=0, world_size=1)
     try:
-        mesh = init_device_mesh("cpu", (1,), mesh_dim_names=("tp",))
-
-        def median(step) -> float:
-            times = []
-            for _ in range(10):
-                start = time.perf_counter()
-                step()
-                times.append(time.perf_counter() - start)
-            return sorted(times[1:])[4]  # the median after a warm-up
-
-        cfg = dataclasses.replace(ModelConfig(), **BLOCK_SHAPE, n_layers=1, vocab_size=256)
+        cfg = dataclasses.replace(ModelConfig(), **BLOCK_SHAPE, n_layers=1, vocab_size=VOCAB)
         block = Llama(cfg).layers["0"]
         cos, sin = rope_tables(cfg.dim // cfg.n_heads, BLOCK_SEQ, cfg.rope_theta)
         x = torch.randn(BLOCK_BATCH, BLOCK_SEQ, cfg.dim, requires_grad=True)
-        out = {"block": median(lambda: block(x, cos, sin).sum().backward())}
-        tokens = torch.randint(0, 256, (1, 8))
-        for layers in (1, 2):
-            for tp in (None, False, True):
-                model = Llama(dataclasses.replace(ModelConfig(), **TINY_SHAPE, n_layers=layers, vocab_size=256))
-                if tp is not None:
-                    apply_tensor_parallel(model, mesh, sequence_parallel=tp)
-
-                def step(model=model, tp=tp):
-                    with loss_parallel() if tp is not None else contextlib.nullcontext():
-                        cross_entropy_loss(model(tokens), tokens).backward()
-
-                out[f"{layers} {'plain' if tp is None else 'sp' if tp else 'tp'}"] = median(step)
-        return out
+        times = []
+        for _ in range(10):
+            start = time.perf_counter()
+            block(x, cos, sin).sum().backward()
+            times.append(time.perf_counter() - start)
+        return sorted(times[1:])[4]  # the median after a warm-up
     finally:
-        dist.destroy_process_group()
         torch.set_num_threads(previous)
 
 
 def _measure_worker(threads: int) -> tuple:
-    return matmul_curve(threads), memory_bandwidth(threads), attention_flops(threads), block_times(threads)
+    return matmul_curve(threads), memory_bandwidth(threads), attention_flops(threads), block_time(threads)
 
 
-def _concurrently(nproc: int, threads: int) -> tuple[list[list[float]], float, float, dict[str, float]]:
+def _concurrently(nproc: int, threads: int) -> tuple[list[list[float]], float, float, float]:
     """Measure in ``nproc`` processes at once, as the workers of a run share
     the machine's caches and memory bandwidth; the mean over the workers."""
     import multiprocessing
@@ -173,19 +150,92 @@ def _concurrently(nproc: int, threads: int) -> tuple[list[list[float]], float, f
     with multiprocessing.get_context("spawn").Pool(nproc) as pool:
         results = pool.map(_measure_worker, [threads] * nproc)
     curve = [[size, sum(r[0][i][1] for r in results) / nproc] for i, (size, _) in enumerate(results[0][0])]
-    blocks = {key: sum(r[3][key] for r in results) / nproc for key in results[0][3]}
-    return curve, sum(r[1] for r in results) / nproc, sum(r[2] for r in results) / nproc, blocks
+    return curve, *(sum(r[i] for r in results) / nproc for i in (1, 2, 3))
 
 
-def dispatch_costs(times: dict[str, float]) -> dict[str, float]:
-    """DTensor's added time per block pass (the 2-layer minus the 1-layer
-    model) and per model pass (embedding, head, loss: the rest), TP and TP + SP."""
+def _tp_worker(rank: int, nproc: int, threads: int, store: str, out: str, rounds: int) -> None:
+    """One rank of the TP timing mesh: every TP_MODELS model under TP and
+    TP + SP (forward, loss under loss_parallel, backward, as the trainer
+    runs them), taken in turns for ``rounds`` rounds so drift hits all alike."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor.parallel import loss_parallel
+
+    from scaletrain.config import ModelConfig
+    from scaletrain.model.llama import Llama, cross_entropy_loss
+    from scaletrain.parallel.tensor_parallel import apply_tensor_parallel
+
+    torch.set_num_threads(threads)
+    dist.init_process_group("gloo", store=dist.FileStore(store, nproc), rank=rank, world_size=nproc)
+    try:
+        mesh = init_device_mesh("cpu", (nproc,), mesh_dim_names=("tp",))
+        steps = {}
+        for sp in (False, True):
+            for i, (shape, batch, seq, layers) in enumerate(TP_MODELS):
+                torch.manual_seed(0)
+                model = Llama(dataclasses.replace(ModelConfig(), **shape, n_layers=layers, vocab_size=VOCAB))
+                apply_tensor_parallel(model, mesh, sequence_parallel=sp)
+                tokens = torch.randint(0, VOCAB, (batch, seq))
+
+                def step(model=model, tokens=tokens):
+                    with loss_parallel():
+                        cross_entropy_loss(model(tokens), tokens).backward()
+
+                steps[("sp" if sp else "tp", i)] = step
+        times = {key: [] for key in steps}
+        for r in range(rounds + 1):
+            for key, step in steps.items():
+                dist.barrier()
+                start = time.perf_counter()
+                step()
+                if r:  # round 0 warms up
+                    times[key].append(time.perf_counter() - start)
+        if rank == 0:
+            Path(out).write_text(json.dumps({f"{k[0]} {k[1]}": sorted(v)[len(v) // 2] for k, v in times.items()}))
+    finally:
+        dist.destroy_process_group()
+
+
+def tp_times(nproc: int, threads: int, rounds: int = 8) -> dict[str, float]:
+    """Median seconds per forward + backward of each TP_MODELS model on an
+    ``nproc``-rank TP mesh ("tp i" / "sp i")."""
+    import torch.multiprocessing as mp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / "tp.json"
+        mp.start_processes(_tp_worker, args=(nproc, threads, str(Path(tmp) / "store"), str(out), rounds),
+                           nprocs=nproc, start_method="spawn")
+        return json.loads(out.read_text())
+
+
+def dispatch_curves(device: Device, times: dict[str, float], tp: int) -> dict[str, tuple]:
+    """What TP costs beyond what the estimate already counts (local matmuls,
+    elementwise traffic and the TP collectives at this device's calibrated
+    rates), split per block pass (3-layer minus 1-layer model, halved) and per
+    model pass (the rest), at the two sizes: the device's dispatch curves."""
+    from scaletrain.config import ModelConfig
+    from scaletrain.planner.estimate import Coord, Layout, Workload, collectives, compute_parts, collective_time
+    from scaletrain.planner.hardware import Cluster
+
+    cluster = Cluster(((device, tp),), gpus_per_node=tp)
     out = {}
     for kind in ("tp", "sp"):
-        extra = {n: times[f"{n} {kind}"] - times[f"{n} plain"] for n in (1, 2)}
-        per_block = max(0.0, extra[2] - extra[1])
-        out[f"{kind}_block_overhead_s"] = per_block
-        out[f"{kind}_model_overhead_s"] = max(0.0, extra[1] - per_block)
+        layout_kw = dict(tp=tp, sequence_parallel=kind == "sp")
+        residual = []
+        for i, (shape, batch, seq, layers) in enumerate(TP_MODELS):
+            w = Workload(dataclasses.replace(ModelConfig(), **shape, n_layers=layers, vocab_size=VOCAB), seq, batch,
+                         "fp32")
+            layout = Layout(**layout_kw, micro_batch=batch)
+            parts = compute_parts(w, layout, device)
+            comm = sum(collective_time(c, cluster, layout)[0] for c in collectives(w, layout, Coord())
+                       if c.group == "tp" and c.bytes > 4)  # not the grad norm's scalar: no clipping here
+            residual.append(times[f"{kind} {i}"] - parts["matmul"] - parts["elementwise"] - comm)
+        points = []
+        for one, three in ((0, 1), (2, 3)):
+            shape, batch, seq, _ = TP_MODELS[one]
+            per_block = max(0.0, (residual[three] - residual[one]) / 2)
+            points.append((batch * seq * shape["dim"], per_block, max(0.0, residual[one] - per_block)))
+        out[f"{kind}_dispatch_curve"] = tuple(points)
     return out
 
 
@@ -196,7 +246,7 @@ def elementwise_rate(device: Device, block_s: float) -> float:
     from scaletrain.config import ModelConfig
     from scaletrain.planner.estimate import Layout, block_matmul_time, saved_per_token
 
-    cfg = dataclasses.replace(ModelConfig(), **BLOCK_SHAPE, n_layers=1, vocab_size=256)
+    cfg = dataclasses.replace(ModelConfig(), **BLOCK_SHAPE, n_layers=1, vocab_size=VOCAB)
     tokens = BLOCK_BATCH * BLOCK_SEQ
     rest = block_s - tokens * block_matmul_time(cfg, 1, BLOCK_SEQ, device)
     moved = 3 * sum(saved_per_token(cfg, Layout()).values()) * 4 * tokens
@@ -237,10 +287,13 @@ def calibrate(name: str, nproc: int, progress=print) -> Device:
     cores = os.cpu_count() or 1
     threads = max(1, cores // nproc)
     progress(f"matmul FLOP/s and memory bandwidth: {nproc} workers at once, {threads} thread(s) each ...")
-    curve, bandwidth, attention, blocks = _concurrently(nproc, threads)
+    curve, bandwidth, attention, block_s = _concurrently(nproc, threads)
     flops = max(f for _, f in curve)
-    progress(f"all-reduce sweep over {nproc} workers (scaletrain bench comm) ...")
+    progress(f"collective sweep over {nproc} workers (scaletrain bench comm) ...")
     link, latency, curves = collective_costs(nproc)
+    tp_degree = math.gcd(nproc, BLOCK_SHAPE["n_kv_heads"])  # whole KV heads per rank
+    progress(f"tensor parallelism on a {tp_degree}-rank mesh ...")
+    tp = tp_times(tp_degree, threads)
     memory_gib = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") / 2**30 / nproc
     collective_curves = {f"{op.replace('_', '')}_curve": tuple(map(tuple, c)) for op, c in curves.items()}
     device = Device(name=name, description=f"this machine: {cores} CPU cores / {nproc} workers (calibrated)",
@@ -249,9 +302,12 @@ def calibrate(name: str, nproc: int, progress=print) -> Device:
                     intra_latency_us=latency * 1e6, inter="gloo-local", inter_gbps=link / 1e9,
                     inter_latency_us=latency * 1e6, matmul_efficiency=1.0, overhead_gib=0.0, overlap=0.0,
                     matmul_curve=tuple(map(tuple, curve)), attention_flops=attention, curve_ranks=nproc,
-                    **collective_curves, **dispatch_costs(blocks))
-    # The elementwise rate is what the block's time leaves after this device's matmul and attention rates.
-    return dataclasses.replace(device, elementwise_gbps=elementwise_rate(device, blocks["block"]) / 1e9)
+                    **collective_curves)
+    # The elementwise rate is what the block's time leaves after this device's
+    # matmul and attention rates; TP's extra cost what the TP models' times
+    # leave after all of the estimate's parts.
+    device = dataclasses.replace(device, elementwise_gbps=elementwise_rate(device, block_s) / 1e9)
+    return dataclasses.replace(device, **dispatch_curves(device, tp, tp_degree))
 
 
 def write_entry(device: Device, path: Path | None = None) -> Path:

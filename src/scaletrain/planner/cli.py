@@ -102,11 +102,15 @@ def run_calibrate(name: str, nproc: int, hardware: Path | None) -> int:
     path = write_entry(device, hardware)
     print(f"wrote [{name}] to {path}: {device.fp32:.3f} TFLOP/s fp32 matmul, {device.hbm_gbps:.1f} GB/s memory, "
           f"{device.elementwise_gbps:.1f} GB/s through a block's elementwise ops, "
-          f"DTensor dispatch per pass {device.tp_block_overhead_s * 1e3:.1f} ms per block + "
-          f"{device.tp_model_overhead_s * 1e3:.1f} ms (TP), {device.sp_block_overhead_s * 1e3:.1f} + "
-          f"{device.sp_model_overhead_s * 1e3:.1f} ms (TP + SP), {device.intra_gbps:.2f} GB/s all-reduce bus bandwidth, "
+          f"TP beyond compute and collectives {_dispatch(device.tp_dispatch_curve)} (TP), "
+          f"{_dispatch(device.sp_dispatch_curve)} (TP + SP), {device.intra_gbps:.2f} GB/s all-reduce bus bandwidth, "
           f"{device.intra_latency_us:.0f} us latency")
     return 0
+
+
+def _dispatch(curve: tuple) -> str:
+    return " / ".join(f"{b * 1e3:.1f} ms per block + {m * 1e3:.1f} ms per pass at {x / 1e3:.0f}k elements"
+                      for x, b, m in curve)
 
 
 def run_verify(name: str, hardware: Path | None, layouts: str | None, as_json: bool) -> int:

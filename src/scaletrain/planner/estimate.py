@@ -595,7 +595,38 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     if w.dtype == "bf16" and dev.bf16 == 0:
         est.fits, est.why = False, f"{dev.name} has no bf16; plan with --dtype fp16"
 
-    # compute: matmuls at the achieved rate, elementwise + optimizer traffic at memory bandwidth
+    est.compute_s = sum(compute_parts(w, layout, dev).values())
+    # Each accumulation micro-step is its own pipeline pass (fill and drain).
+    est.bubble = formulas.pipeline_bubble(layout.pp, layout.pp_microbatches, layout.virtual_stages,
+                                          layout.pp_schedule)
+    compute_total = est.compute_s / (1 - est.bubble)
+
+    colls = collectives(w, layout, worst_ranks(layout)[0], device_type)
+    est.comm = []
+    times = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
+    for col in colls:
+        t, link = collective_time(col, cluster, layout)
+        times["tp" if col.group == "tp" else "pp" if col.group == "pp" else "dp"] += t
+        est.comm.append({**col.as_dict(), "link": link, "time_s": t})
+    est.comm_time_s = times
+    backward_s = compute_total * 2 / 3
+    exposed_dp = max(0.0, times["dp"] - dev.overlap * backward_s)
+    exposed_tp = times["tp"]  # on the critical path of every block
+    offload_s = 0.0
+    if layout.cpu_offload:  # parameters down, gradients up over PCIe, optimizer step on the host
+        states = model_state_bytes(w.model, layout, worst_ranks(layout)[0])
+        offload_s = states["params_bytes"] * 2 / (25e9) + states["optimizer_bytes"] * 2 / 50e9
+    est.step_time_s = compute_total + exposed_dp + exposed_tp + times["pp"] + offload_s
+    est.tokens_per_s = w.global_batch * w.seq_len / est.step_time_s
+    peak = dev.peak_flops(w.dtype)
+    est.mfu = (train_flops_per_token(w.model, w.seq_len) * est.tokens_per_s / cluster.gpus / peak) if peak else 0.0
+    return est
+
+
+def compute_parts(w: Workload, layout: Layout, dev: Device) -> dict[str, float]:
+    """Seconds of one optimizer step's compute on the busiest rank, by part:
+    matmuls (and attention) at the achieved rate, elementwise traffic, the
+    optimizer's memory traffic, and DTensor's dispatch under TP."""
     flops_token = train_flops_per_token(w.model, w.seq_len)
     if layout.activation_checkpointing == "full":
         flops_token *= 4 / 3  # one more forward (selective recomputes pointwise ops only: no matmul FLOPs)
@@ -607,62 +638,53 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     # Elementwise traffic: every saved activation is written in forward, read
     # in backward and its gradient written (3 passes; an assumption), a
     # recomputed forward adds one more.
-    c0 = worst_ranks(layout)[0]
     saved = sum(saved_per_token(w.model, Layout(tp=layout.tp, sequence_parallel=layout.sequence_parallel))
                 .values()) * DTYPE_BYTES[w.dtype]
     passes = 4 if layout.activation_checkpointing != "none" else 3
-    elementwise_bytes = passes * saved * stage_layers(w.model, layout, 0) * w.global_batch * w.seq_len / layout.dp
-    states = model_state_bytes(w.model, layout, c0)
+    layers = stage_layers(w.model, layout, 0)
+    elementwise_bytes = passes * saved * layers * w.global_batch * w.seq_len / layout.dp
+    states = model_state_bytes(w.model, layout, worst_ranks(layout)[0])
     optimizer_bytes = 0 if layout.cpu_offload else states["optimizer_bytes"] * 1.75 + states["params_bytes"] * 2
-    memory_s = elementwise_bytes / ((dev.elementwise_gbps or dev.hbm_gbps) * 1e9) \
-        + optimizer_bytes / (dev.hbm_gbps * 1e9)
-    # DTensor's per-op dispatch: a fixed cost per block and pass, however small the shards.
-    sp = layout.sequence_parallel
-    per_block = dev.sp_block_overhead_s if sp else dev.tp_block_overhead_s
-    per_model = dev.sp_model_overhead_s if sp else dev.tp_model_overhead_s
-    passes_per_step = accum(w, layout) * (layout.pp_microbatches if layout.pp > 1 else 1)
-    dispatch_s = 0.0
-    if layout.tp > 1:
-        dispatch_s = (per_block * stage_layers(w.model, layout, 0) + per_model / layout.pp) * passes_per_step
-    est.compute_s = matmul_s + memory_s + dispatch_s
-    # Each accumulation micro-step is its own pipeline pass (fill and drain).
-    est.bubble = formulas.pipeline_bubble(layout.pp, layout.pp_microbatches, layout.virtual_stages,
-                                          layout.pp_schedule)
-    compute_total = est.compute_s / (1 - est.bubble)
+    return {"matmul": matmul_s, "elementwise": elementwise_bytes / ((dev.elementwise_gbps or dev.hbm_gbps) * 1e9),
+            "optimizer": optimizer_bytes / (dev.hbm_gbps * 1e9), "dispatch": dispatch_time(w, layout, dev)}
 
-    colls = collectives(w, layout, c0, device_type)
-    est.comm = []
-    times = {"dp": 0.0, "tp": 0.0, "pp": 0.0}
-    for col in colls:
-        bw, lat, link = _link(cluster, layout, col.group)
-        if dev.allreduce_curve:
-            t = _measured_collective_time(col, dev) if col.kind != "recv" else 0.0
-        elif col.kind == "all_reduce":
-            t = formulas.ring_all_reduce_time(col.bytes, col.ranks, bw, lat)
-            t += (col.calls - 1) * 2 * (col.ranks - 1) * lat  # latency is paid per call
-        elif col.kind in ("all_gather", "reduce_scatter"):
-            t = formulas.ring_all_gather_time(col.bytes, col.ranks, bw, lat) + (col.calls - 1) * (col.ranks - 1) * lat
-        elif col.kind == "broadcast":
-            t = formulas.broadcast_time(col.bytes, col.ranks, bw, lat) + (col.calls - 1) * lat
-        elif col.kind == "send":
-            t = formulas.p2p_time(col.bytes, bw, lat * col.calls)
-        else:
-            t = 0.0  # recv: the same transfers as the peer's send
-        key = "tp" if col.group == "tp" else "pp" if col.group == "pp" else "dp"
-        times[key] += t
-        est.comm.append({**col.as_dict(), "link": link, "time_s": t})
-    est.comm_time_s = times
-    backward_s = compute_total * 2 / 3
-    exposed_dp = max(0.0, times["dp"] - dev.overlap * backward_s)
-    exposed_tp = times["tp"]  # on the critical path of every block
-    offload_s = 0.0
-    if layout.cpu_offload:  # parameters down, gradients up over PCIe, optimizer step on the host
-        offload_s = states["params_bytes"] * 2 / (25e9) + states["optimizer_bytes"] * 2 / 50e9
-    est.step_time_s = compute_total + exposed_dp + exposed_tp + times["pp"] + offload_s
-    est.tokens_per_s = w.global_batch * w.seq_len / est.step_time_s
-    peak = dev.peak_flops(w.dtype)
-    est.mfu = (train_flops_per_token(w.model, w.seq_len) * est.tokens_per_s / cluster.gpus / peak) if peak else 0.0
-    return est
+
+def dispatch_time(w: Workload, layout: Layout, dev: Device) -> float:
+    """DTensor's cost beyond the local compute and the collectives under TP
+    (Python dispatch, redistribute bookkeeping, the copies functional
+    collectives make, ranks waiting on each other at every collective), per
+    block pass and per model pass (embedding, head, loss), each linear in the
+    pass's activation elements between the two calibrated sizes."""
+    curve = dev.sp_dispatch_curve if layout.sequence_parallel else dev.tp_dispatch_curve
+    if layout.tp == 1 or not curve:
+        return 0.0
+    pmb = layout.pp_microbatches if layout.pp > 1 else 1
+    elems = layout.micro_batch // pmb * w.seq_len * w.model.dim
+    (x0, b0, m0), (x1, b1, m1) = sorted(curve)[:2]
+    per_block, per_model = (max(0.0, y0 + (y1 - y0) * (elems - x0) / (x1 - x0)) for y0, y1 in ((b0, b1), (m0, m1)))
+    passes = accum(w, layout) * pmb
+    return (per_block * stage_layers(w.model, layout, 0) + per_model / layout.pp) * passes
+
+
+def collective_time(col: Collective, cluster: Cluster, layout: Layout) -> tuple[float, str]:
+    """(seconds per step, link) of one rank's collective: the calibrated
+    curves when the device has them, else the ring formulas on the link its
+    group spans."""
+    bw, lat, link = _link(cluster, layout, col.group)
+    if col.kind == "recv":
+        return 0.0, link  # the same transfers as the peer's send
+    if cluster.device.allreduce_curve:
+        return _measured_collective_time(col, cluster.device), link
+    if col.kind == "all_reduce":
+        t = formulas.ring_all_reduce_time(col.bytes, col.ranks, bw, lat)
+        t += (col.calls - 1) * 2 * (col.ranks - 1) * lat  # latency is paid per call
+    elif col.kind in ("all_gather", "reduce_scatter"):
+        t = formulas.ring_all_gather_time(col.bytes, col.ranks, bw, lat) + (col.calls - 1) * (col.ranks - 1) * lat
+    elif col.kind == "broadcast":
+        t = formulas.broadcast_time(col.bytes, col.ranks, bw, lat) + (col.calls - 1) * lat
+    else:  # send
+        t = formulas.p2p_time(col.bytes, bw, lat * col.calls)
+    return t, link
 
 
 def _interp(curve: tuple, x: float) -> float:

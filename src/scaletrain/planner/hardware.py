@@ -52,15 +52,14 @@ class Device:
     # Also from --calibrate: the rate at which a real transformer block moves
     # its saved activations through the non-matmul ops (norms, RoPE, SiLU,
     # residual adds; everything of a measured block's forward + backward that
-    # the matmul and attention rates leave unexplained), and DTensor's
-    # dispatch time per block forward + backward under tensor parallelism,
-    # without and with sequence parallelism (0 = not measured: hbm_gbps and no
-    # dispatch cost).
+    # the matmul and attention rates leave unexplained; 0 = not measured:
+    # hbm_gbps), and what tensor parallelism costs beyond its local compute
+    # and its collectives, measured on a real TP mesh at two sizes:
+    # ((activation elements per pass, seconds per block pass, seconds per
+    # model pass), ...) without and with sequence parallelism (empty: none).
     elementwise_gbps: float = 0.0
-    tp_block_overhead_s: float = 0.0
-    sp_block_overhead_s: float = 0.0
-    tp_model_overhead_s: float = 0.0  # the same for the embedding, head and loss, once per pass
-    sp_model_overhead_s: float = 0.0
+    tp_dispatch_curve: tuple = ()
+    sp_dispatch_curve: tuple = ()
 
     def peak_flops(self, dtype: str) -> float:
         return getattr(self, dtype) * 1e12
