@@ -116,8 +116,14 @@ TP_MODELS = [(TINY_SHAPE, TINY_BATCH, TINY_SEQ, 1), (TINY_SHAPE, TINY_BATCH, TIN
              (BLOCK_SHAPE, BLOCK_BATCH, BLOCK_SEQ, 1), (BLOCK_SHAPE, BLOCK_BATCH, BLOCK_SEQ, 3)]
 
 
-def block_time(threads: int) -> float:
-    """Median forward + backward seconds of one Llama block at BLOCK_SHAPE."""
+def block_rest_time(threads: int, reps: int = 10) -> float:
+    """Seconds of one Llama block's forward + backward at BLOCK_SHAPE that its
+    matmuls and its attention do not take: each rep times the block, then the
+    same matmuls (forward and both backward products) and the same causal
+    SDPA forward + backward alone, back to back, so the machine's drift hits
+    both; the median of the differences."""
+    import torch.nn.functional as F
+
     from scaletrain.config import ModelConfig
     from scaletrain.model.llama import Llama, rope_tables
 
@@ -126,20 +132,36 @@ def block_time(threads: int) -> float:
     try:
         cfg = dataclasses.replace(ModelConfig(), **BLOCK_SHAPE, n_layers=1, vocab_size=VOCAB)
         block = Llama(cfg).layers["0"]
-        cos, sin = rope_tables(cfg.dim // cfg.n_heads, BLOCK_SEQ, cfg.rope_theta)
+        head_dim = cfg.dim // cfg.n_heads
+        cos, sin = rope_tables(head_dim, BLOCK_SEQ, cfg.rope_theta)
+        tokens = BLOCK_BATCH * BLOCK_SEQ
         x = torch.randn(BLOCK_BATCH, BLOCK_SEQ, cfg.dim, requires_grad=True)
-        times = []
-        for _ in range(10):
+        h, kvd, f = cfg.dim, cfg.n_kv_heads * head_dim, cfg.ffn_dim
+        mats = [(torch.randn(tokens, k), torch.randn(k, n), torch.randn(tokens, n))
+                for k, n in [(h, h), (h, kvd), (h, kvd), (h, h), (h, f), (h, f), (f, h)]]
+        q = torch.randn(BLOCK_BATCH, cfg.n_heads, BLOCK_SEQ, head_dim, requires_grad=True)
+        k, v = (torch.randn(BLOCK_BATCH, cfg.n_kv_heads, BLOCK_SEQ, head_dim, requires_grad=True) for _ in range(2))
+
+        def parts():
+            for a, w, dy in mats:
+                torch.mm(a, w), torch.mm(dy, w.t()), torch.mm(a.t(), dy)
+            F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
+
+        rests = []
+        for rep in range(reps + 1):
             start = time.perf_counter()
             block(x, cos, sin).sum().backward()
-            times.append(time.perf_counter() - start)
-        return sorted(times[1:])[4]  # the median after a warm-up
+            middle = time.perf_counter()
+            parts()
+            if rep:  # rep 0 warms up
+                rests.append(2 * middle - start - time.perf_counter())
+        return max(sorted(rests)[len(rests) // 2], 1e-6)
     finally:
         torch.set_num_threads(previous)
 
 
 def _measure_worker(threads: int) -> tuple:
-    return matmul_curve(threads), memory_bandwidth(threads), attention_flops(threads), block_time(threads)
+    return matmul_curve(threads), memory_bandwidth(threads), attention_flops(threads), block_rest_time(threads)
 
 
 def _concurrently(nproc: int, threads: int) -> tuple[list[list[float]], float, float, float]:
@@ -239,18 +261,15 @@ def dispatch_curves(device: Device, times: dict[str, float], tp: int) -> dict[st
     return out
 
 
-def elementwise_rate(device: Device, block_s: float) -> float:
-    """Bytes/s at which the measured block moved its saved activations
-    (3 passes, as the estimate counts them) in the time its matmuls and
-    attention, at the calibrated rates, do not explain."""
+def elementwise_rate(rest_s: float) -> float:
+    """Bytes/s at which the block moved its saved activations (3 passes, as
+    the estimate counts them) in the time its matmuls and attention do not
+    take (``block_rest_time``)."""
     from scaletrain.config import ModelConfig
-    from scaletrain.planner.estimate import Layout, block_matmul_time, saved_per_token
+    from scaletrain.planner.estimate import Layout, saved_per_token
 
     cfg = dataclasses.replace(ModelConfig(), **BLOCK_SHAPE, n_layers=1, vocab_size=VOCAB)
-    tokens = BLOCK_BATCH * BLOCK_SEQ
-    rest = block_s - tokens * block_matmul_time(cfg, 1, BLOCK_SEQ, device)
-    moved = 3 * sum(saved_per_token(cfg, Layout()).values()) * 4 * tokens
-    return moved / rest if rest > 0 else device.hbm_gbps * 1e9
+    return 3 * sum(saved_per_token(cfg, Layout()).values()) * 4 * BLOCK_BATCH * BLOCK_SEQ / rest_s
 
 
 CURVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")
@@ -287,7 +306,7 @@ def calibrate(name: str, nproc: int, progress=print) -> Device:
     cores = os.cpu_count() or 1
     threads = max(1, cores // nproc)
     progress(f"matmul FLOP/s and memory bandwidth: {nproc} workers at once, {threads} thread(s) each ...")
-    curve, bandwidth, attention, block_s = _concurrently(nproc, threads)
+    curve, bandwidth, attention, rest_s = _concurrently(nproc, threads)
     flops = max(f for _, f in curve)
     progress(f"collective sweep over {nproc} workers (scaletrain bench comm) ...")
     link, latency, curves = collective_costs(nproc)
@@ -303,10 +322,8 @@ def calibrate(name: str, nproc: int, progress=print) -> Device:
                     inter_latency_us=latency * 1e6, matmul_efficiency=1.0, overhead_gib=0.0, overlap=0.0,
                     matmul_curve=tuple(map(tuple, curve)), attention_flops=attention, curve_ranks=nproc,
                     **collective_curves)
-    # The elementwise rate is what the block's time leaves after this device's
-    # matmul and attention rates; TP's extra cost what the TP models' times
-    # leave after all of the estimate's parts.
-    device = dataclasses.replace(device, elementwise_gbps=elementwise_rate(device, block_s) / 1e9)
+    # TP's extra cost is what the TP models' times leave after all of the estimate's parts.
+    device = dataclasses.replace(device, elementwise_gbps=elementwise_rate(rest_s) / 1e9)
     return dataclasses.replace(device, **dispatch_curves(device, tp, tp_degree))
 
 

@@ -147,6 +147,21 @@ def run_verify(name: str, hardware: Path | None, layouts: str | None, as_json: b
                       f"{r['peak_predicted'] / 2**20:.2f}", f"{r['peak_measured'] / 2**20:.2f}", f"{err:+.1%}",
                       ("exact: " if same else f"MISMATCH predicted {r['collectives_predicted']}: ") + coll)
     console.print(table)
+    others = Table(title="rank 0, MiB: ours and two common estimators vs measured (peak; model states)")
+    for col in ("layout", "peak measured", "scaletrain", "HF accelerate estimate-memory", "states measured",
+                "scaletrain ", "DeepSpeed ZeRO estimator"):
+        others.add_column(col, justify="right")
+
+    def cell(predicted, measured) -> str:
+        return "-" if predicted is None else f"{predicted / 2**20:.1f} ({predicted / measured - 1:+.0%})"
+
+    for r in result["ranks"]:
+        if r["rank"] == 0:
+            peak, states = r["peak_measured"], sum(r["states_measured"].values())
+            others.add_row(r["layout"], f"{peak / 2**20:.1f}", cell(r["peak_predicted"], peak),
+                           cell(r["hf_accelerate_bytes"], peak), f"{states / 2**20:.1f}",
+                           cell(sum(r["states_predicted"].values()), states), cell(r["deepspeed_bytes"], states))
+    console.print(others)
     times = Table(title="step time: predicted vs measured (2-process layouts share the calibrated entry)")
     for col in ("layout", "predicted tokens/s", "measured tokens/s", "predicted / measured"):
         times.add_column(col, justify="right")

@@ -5,6 +5,7 @@ peak tensor memory, bytes per collective per step, and step time."""
 from __future__ import annotations
 
 import json
+import math
 import os
 import subprocess
 import sys
@@ -13,8 +14,9 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from scaletrain.config import load_config
+from scaletrain.model.counts import param_count
 from scaletrain.planner.estimate import (Layout, Workload, coord_of, collectives, estimate, memory_of_rank, merge,
-                                         model_state_bytes)
+                                         model_state_bytes, param_table)
 from scaletrain.planner.hardware import Cluster, Device
 
 # (name, layout) — each runs as its own launch of `scaletrain train`.
@@ -87,8 +89,34 @@ def compare(case: Case, run_dir: Path, device: Device) -> list[dict]:
             "peak_predicted": mem["peak"], "peak_measured": measured[rank]["peak_bytes"],
             "collectives_predicted": merge(collectives(w, case.layout, c)),
             "collectives_measured": measured[rank]["collectives"],
+            **other_estimates(w, case.layout),
         })
     return rows
+
+
+def other_estimates(w: Workload, layout: Layout) -> dict:
+    """Per-GPU training memory as two widely used estimators give it for the
+    same model and GPU count, to set next to ours and the measurement:
+
+    - Hugging Face Accelerate's ``accelerate estimate-memory`` (the HF Model
+      Memory Calculator): training with Adam at batch size 1 needs the model,
+      its gradients and two optimizer states, 4x the fp32 model size, on every
+      GPU whatever the layout.
+    - DeepSpeed's ZeRO estimators (``estimate_zero2_model_states_mem_needs``
+      for stages 1-2, ``estimate_zero3_model_states_mem_needs`` for stage 3, no
+      offload): 2 bytes of fp16 parameters + 18 bytes per parameter / GPUs for
+      ZeRO-1/2; 4 x the largest layer + 18 / GPUs for ZeRO-3. They assume fp16
+      mixed precision and count no activations; they have no DDP, TP or PP
+      form (None).
+    """
+    n = param_count(w.model)
+    deepspeed = None
+    if layout.zero_stage in (1, 2) and layout.dp_shard > 1 and layout.tp == layout.pp == 1:
+        deepspeed = 2 * n + 18 * n // layout.dp_shard
+    elif layout.zero_stage == 3 and layout.tp == layout.pp == 1:
+        largest = max(math.prod(shape) for _, shape in param_table(w.model))
+        deepspeed = 4 * largest + 18 * n // layout.dp_shard
+    return {"hf_accelerate_bytes": 4 * 4 * n, "deepspeed_bytes": deepspeed}
 
 
 def step_time(case: Case, run_dir: Path, cluster: Cluster) -> dict:
