@@ -78,8 +78,8 @@ def pin_cpu_worker(local_rank: int, local_world: int) -> None:
     """Bind each local CPU worker to its own cores (within whatever affinity
     the process was given), as Intel's launcher does: otherwise the scheduler
     moves workers between cores and two can share one while another idles
-    (on 2 cores: 2-8% faster steps, and steadier). Only when every worker
-    gets a core; SCALETRAIN_CPU_AFFINITY=0 leaves placement to the OS."""
+    (short runs on 2 cores were steadier from launch to launch). Only when
+    every worker gets a core; SCALETRAIN_CPU_AFFINITY=0 leaves placement to the OS."""
     if os.environ.get("SCALETRAIN_CPU_AFFINITY") == "0" or not hasattr(os, "sched_setaffinity"):
         return
     cores = sorted(os.sched_getaffinity(0))
