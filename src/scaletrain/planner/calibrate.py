@@ -2,9 +2,11 @@
 entry, so the planner predicts runs here.
 
 One "device" is one local worker: on a CPU machine with ``nproc`` workers
-each gets cores // nproc threads, so matmul FLOP/s and memory bandwidth are
-measured with that many threads; the collective bandwidth and latency come
-from ``scaletrain bench comm`` (gloo here, NCCL on GPUs) with ``nproc`` ranks.
+each gets cores // nproc threads and its own cores, so matmul FLOP/s, memory
+bandwidth and a block's elementwise rate are measured that way, all workers
+at once; the collective curves come from ``scaletrain bench comm`` (gloo here,
+NCCL on GPUs) with ``nproc`` ranks; what tensor parallelism costs beyond its
+compute and collectives from models timed under TP on a real mesh.
 """
 
 from __future__ import annotations
