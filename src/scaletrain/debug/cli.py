@@ -60,9 +60,10 @@ def _bench_worker(ops: list[str], sizes: list[int], iters: int, as_json: bool, o
     import torch.distributed as dist
 
     from scaletrain.debug.commbench import run_bench
-    from scaletrain.parallel.runtime import init_runtime, shutdown
+    from scaletrain.parallel.runtime import bind_training_thread, init_runtime, shutdown
 
     runtime = init_runtime(timeout_s=300)
+    bind_training_thread(runtime)  # placed as the trainer places its workers
     try:
         results = run_bench(ops, sizes, iters, runtime.device)
         if runtime.is_main:

@@ -196,7 +196,6 @@ def _tp_worker(rank: int, nproc: int, threads: int, store: str, out: str, rounds
     from scaletrain.parallel.runtime import pin_cpu_worker
     from scaletrain.parallel.tensor_parallel import apply_tensor_parallel
 
-    pin_cpu_worker(rank, nproc)
     torch.set_num_threads(threads)
     dist.init_process_group("gloo", store=dist.FileStore(store, nproc), rank=rank, world_size=nproc)
     try:
@@ -214,6 +213,7 @@ def _tp_worker(rank: int, nproc: int, threads: int, store: str, out: str, rounds
                         cross_entropy_loss(model(tokens), tokens).backward()
 
                 steps[("sp" if sp else "tp", i)] = step
+        pin_cpu_worker(rank, nproc)  # as the trainer binds its training thread, once the groups exist
         times = {key: [] for key in steps}
         for r in range(rounds + 1):
             for key, step in steps.items():

@@ -30,7 +30,7 @@ from scaletrain.data import DistributedBatchSampler, prepare_corpus
 from scaletrain.debug.watchdog import Watchdog
 from scaletrain.model import Llama, cross_entropy_loss, generate, param_count, train_flops_per_token
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
-from scaletrain.parallel.runtime import Runtime, all_gather_single
+from scaletrain.parallel.runtime import Runtime, all_gather_single, bind_training_thread
 from scaletrain.train.checks import check_data, grad_accum_steps, resolve_vocab
 from scaletrain.train.display import ProgressDisplay
 from scaletrain.train.measure import StepProbe
@@ -87,6 +87,7 @@ class Trainer:
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(runtime.device, cfg.training.dtype)
+        bind_training_thread(runtime)  # after every process group and helper thread exists
 
     def _restore(self) -> str | None:
         """Resume from a checkpoint (checkpoint.resume) or start from weights
