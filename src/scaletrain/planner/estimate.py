@@ -276,8 +276,10 @@ def saved_per_token(model: ModelConfig, layout: Layout) -> dict[str, float]:
     the log-sum-exp; no s x s scores):
 
     each RMSNorm     input, normalized, output                 3h
-    attention        q, k before and after RoPE, v, SDPA's
-                     q/k views, output, lse, the o_proj input  5h + 4·kv·d + a
+    attention        q and k after RoPE, v, SDPA's output (the
+                     o_proj input is a view of it), lse        2h + 2·kv·d + a
+                     (RoPE's multiplications keep only the
+                     cos/sin tables, not q and k before it)
     SwiGLU MLP       gate, silu(gate), up, product             4f
 
     TP divides the head and FFN terms by t; with sequence parallelism the
@@ -290,7 +292,7 @@ def saved_per_token(model: ModelConfig, layout: Layout) -> dict[str, float]:
     kvd = model.n_kv_heads * (model.dim // model.n_heads)
     norms = (2 * h / t + h) * 2 if layout.sequence_parallel and t > 1 else 6 * h
     block_input = h / t if layout.sequence_parallel and t > 1 else h
-    full = {"norms": norms, "attention": (5 * h + 4 * kvd + a) / t, "mlp": 4 * f / t}
+    full = {"norms": norms, "attention": (2 * h + 2 * kvd + a) / t, "mlp": 4 * f / t}
     if layout.activation_checkpointing == "full":
         return {"block_input": block_input}
     if layout.activation_checkpointing == "selective":
@@ -549,7 +551,7 @@ class Estimate:
 def memory_of_rank(w: Workload, layout: Layout, c: Coord, device: Device, device_type: str = "cuda") -> dict:
     """Bytes by kind and the peak. The peak is the larger of two moments:
     the start of backward (every activation alive, gradients only where
-    they persist: DDP's buckets) and the end of backward (activations freed,
+    they persist: DDP's buckets, accumulation) and the end of backward (activations freed,
     all gradients plus the last unit's unsharded gradient)."""
     states = model_state_bytes(w.model, layout, c)
     acts = activation_bytes(w, layout, c)
@@ -560,7 +562,10 @@ def memory_of_rank(w: Workload, layout: Layout, c: Coord, device: Device, device
         sizes = sorted((sum(math.prod(s) for _, s in u) / layout.tp for u in units), reverse=True)
         unsharded_params = (sum(sizes) if layout.zero_stage == 2 else sum(sizes[:2])) * elem
         unsharded_grads = sizes[0] * 4
-    persistent_grads = states["grads_bytes"] if layout.dp > 1 and not layout.fsdp else 0
+    # Gradients alive with the activations: DDP's buckets, and under gradient
+    # accumulation the earlier micro-steps' sums during the last one.
+    persistent = (layout.dp > 1 and not layout.fsdp) or accum(w, layout) > 1
+    persistent_grads = states["grads_bytes"] if persistent else 0
     mem = {"parameters": states["params_bytes"], "gradients": states["grads_bytes"],
            "optimizer": states["optimizer_bytes"], "activations": sum(acts.values()),
            "comm_buffers": unsharded_params + unsharded_grads,
