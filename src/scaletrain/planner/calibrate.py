@@ -11,6 +11,7 @@ compute and collectives from models timed under TP on a real mesh.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
 import math
@@ -24,6 +25,31 @@ from pathlib import Path
 import torch
 
 from scaletrain.planner.hardware import Device, user_catalog_path
+
+
+@contextlib.contextmanager
+def _threads(n: int):
+    """Run the block with torch's intra-op thread count at ``n``."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(previous)
+
+
+def _linear_train(x: torch.Tensor, weight: torch.Tensor, dy: torch.Tensor) -> None:
+    """A linear layer's training matmuls: forward x @ W, input gradient
+    dy @ W^T, weight gradient x^T @ dy."""
+    torch.mm(x, weight)
+    torch.mm(dy, weight.t())
+    torch.mm(x.t(), dy)
+
+
+def _model_config(shape: dict, layers: int):
+    from scaletrain.config import ModelConfig
+
+    return dataclasses.replace(ModelConfig(), **shape, n_layers=layers, vocab_size=VOCAB)
 
 
 def _best_time(fn, repeats: int = 5) -> float:
@@ -40,26 +66,16 @@ def matmul_flops(threads: int, n: int = 1024, k: int = 256, m: int = 704) -> flo
     """Achieved fp32 FLOP/s of a linear layer's training matmuls on n tokens:
     forward x @ W (n x k @ k x m), input gradient dy @ W^T and weight
     gradient x^T @ dy, as training runs them (the median of repeats)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         x, weight, dy = torch.randn(n, k), torch.randn(k, m), torch.randn(n, m)
-
-        def linear_train():
-            torch.mm(x, weight)
-            torch.mm(dy, weight.t())
-            torch.mm(x.t(), dy)
-
         reps = max(2, int(2e9 / (6 * n * k * m)))
         times = []
-        linear_train()
+        _linear_train(x, weight, dy)
         for _ in range(5):
             start = time.perf_counter()
             for _ in range(reps):
-                linear_train()
+                _linear_train(x, weight, dy)
             times.append((time.perf_counter() - start) / reps)
-    finally:
-        torch.set_num_threads(previous)
     return 6 * n * k * m / sorted(times)[len(times) // 2]
 
 
@@ -70,14 +86,10 @@ def matmul_curve(threads: int) -> list[list[float]]:
 
 def memory_bandwidth(threads: int, nbytes: int = 64 * 2**20) -> float:
     """Bytes/s of an elementwise add (read two, write one)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         a, b = torch.ones(nbytes // 4), torch.ones(nbytes // 4)
         out = torch.empty_like(a)
         t = _best_time(lambda: torch.add(a, b, out=out))
-    finally:
-        torch.set_num_threads(previous)
     return 3 * nbytes / t
 
 
@@ -86,9 +98,7 @@ def attention_flops(threads: int, batch: int = 4, heads: int = 8, seq: int = 256
     square as the trainer's MFU does (12 * T * heads * head_dim per token)."""
     import torch.nn.functional as F
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
+    with _threads(threads):
         q, k, v = (torch.randn(batch, heads, seq, head_dim, requires_grad=True) for _ in range(3))
 
         def step():
@@ -100,8 +110,6 @@ def attention_flops(threads: int, batch: int = 4, heads: int = 8, seq: int = 256
             start = time.perf_counter()
             step()
             times.append(time.perf_counter() - start)
-    finally:
-        torch.set_num_threads(previous)
     return 12 * batch * seq * seq * heads * head_dim / sorted(times)[2]
 
 
@@ -126,13 +134,10 @@ def block_rest_time(threads: int, reps: int = 10) -> float:
     both; the median of the differences."""
     import torch.nn.functional as F
 
-    from scaletrain.config import ModelConfig
     from scaletrain.model.llama import Llama, rope_tables
 
-    previous = torch.get_num_threads()
-    torch.set_num_threads(threads)
-    try:
-        cfg = dataclasses.replace(ModelConfig(), **BLOCK_SHAPE, n_layers=1, vocab_size=VOCAB)
+    with _threads(threads):
+        cfg = _model_config(BLOCK_SHAPE, 1)
         block = Llama(cfg).layers["0"]
         head_dim = cfg.dim // cfg.n_heads
         cos, sin = rope_tables(head_dim, BLOCK_SEQ, cfg.rope_theta)
@@ -145,8 +150,8 @@ def block_rest_time(threads: int, reps: int = 10) -> float:
         k, v = (torch.randn(BLOCK_BATCH, cfg.n_kv_heads, BLOCK_SEQ, head_dim, requires_grad=True) for _ in range(2))
 
         def parts():
-            for a, w, dy in mats:
-                torch.mm(a, w), torch.mm(dy, w.t()), torch.mm(a.t(), dy)
+            for mat in mats:
+                _linear_train(*mat)
             F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True).sum().backward()
 
         rests = []
@@ -157,9 +162,7 @@ def block_rest_time(threads: int, reps: int = 10) -> float:
             parts()
             if rep:  # rep 0 warms up
                 rests.append(2 * middle - start - time.perf_counter())
-        return max(sorted(rests)[len(rests) // 2], 1e-6)
-    finally:
-        torch.set_num_threads(previous)
+    return max(sorted(rests)[len(rests) // 2], 1e-6)
 
 
 def _measure_worker(index: int, nproc: int, threads: int, out: str) -> None:
@@ -191,7 +194,6 @@ def _tp_worker(rank: int, nproc: int, threads: int, store: str, out: str, rounds
     from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor.parallel import loss_parallel
 
-    from scaletrain.config import ModelConfig
     from scaletrain.model.llama import Llama, cross_entropy_loss
     from scaletrain.parallel.runtime import pin_cpu_worker
     from scaletrain.parallel.tensor_parallel import apply_tensor_parallel
@@ -204,7 +206,7 @@ def _tp_worker(rank: int, nproc: int, threads: int, store: str, out: str, rounds
         for sp in (False, True):
             for i, (shape, batch, seq, layers) in enumerate(TP_MODELS):
                 torch.manual_seed(0)
-                model = Llama(dataclasses.replace(ModelConfig(), **shape, n_layers=layers, vocab_size=VOCAB))
+                model = Llama(_model_config(shape, layers))
                 apply_tensor_parallel(model, mesh, sequence_parallel=sp)
                 tokens = torch.randint(0, VOCAB, (batch, seq))
 
@@ -245,19 +247,16 @@ def dispatch_curves(device: Device, times: dict[str, float], tp: int) -> dict[st
     elementwise traffic and the TP collectives at this device's calibrated
     rates), split per block pass (3-layer minus 1-layer model, halved) and per
     model pass (the rest), at the two sizes: the device's dispatch curves."""
-    from scaletrain.config import ModelConfig
     from scaletrain.planner.estimate import Coord, Layout, Workload, collectives, compute_parts, collective_time
     from scaletrain.planner.hardware import Cluster
 
     cluster = Cluster(((device, tp),), gpus_per_node=tp)
     out = {}
     for kind in ("tp", "sp"):
-        layout_kw = dict(tp=tp, sequence_parallel=kind == "sp")
         residual = []
         for i, (shape, batch, seq, layers) in enumerate(TP_MODELS):
-            w = Workload(dataclasses.replace(ModelConfig(), **shape, n_layers=layers, vocab_size=VOCAB), seq, batch,
-                         "fp32")
-            layout = Layout(**layout_kw, micro_batch=batch)
+            w = Workload(_model_config(shape, layers), seq, batch, "fp32")
+            layout = Layout(tp=tp, sequence_parallel=kind == "sp", micro_batch=batch)
             parts = compute_parts(w, layout, device)
             comm = sum(collective_time(c, cluster, layout)[0] for c in collectives(w, layout, Coord())
                        if c.group == "tp" and c.bytes > 4)  # not the grad norm's scalar: no clipping here
@@ -275,10 +274,9 @@ def elementwise_rate(rest_s: float) -> float:
     """Bytes/s at which the block moved its saved activations (3 passes, as
     the estimate counts them) in the time its matmuls and attention do not
     take (``block_rest_time``)."""
-    from scaletrain.config import ModelConfig
     from scaletrain.planner.estimate import Layout, saved_per_token
 
-    cfg = dataclasses.replace(ModelConfig(), **BLOCK_SHAPE, n_layers=1, vocab_size=VOCAB)
+    cfg = _model_config(BLOCK_SHAPE, 1)
     return 3 * sum(saved_per_token(cfg, Layout()).values()) * 4 * BLOCK_BATCH * BLOCK_SEQ / rest_s
 
 

@@ -38,6 +38,8 @@ from scaletrain.train.metrics import MetricsWriter, device_peak_flops, mem_peak_
 from scaletrain.train.optim import build_scheduler
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
+
+
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime, show_progress: bool = True):
         self.runtime, self.run_dir = runtime, run_dir
