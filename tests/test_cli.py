@@ -34,7 +34,9 @@ def test_command_surface_is_frozen():
     import typer
 
     command = typer.main.get_command(app)
-    assert set(command.commands) == {"train", "config", "checkpoint", "plan", "doctor", "bench"}
+    assert set(command.commands) == {"train", "config", "checkpoint", "plan", "doctor", "bench", "launch",
+                                     "allocate"}
+    assert set(command.commands["launch"].commands) == {"slurm", "k8s"}
     assert set(command.commands["bench"].commands) == {"comm"}
     assert set(command.commands["config"].commands) == {"show", "keys"}
     assert set(command.commands["checkpoint"].commands) == {"inspect", "export", "import"}
