@@ -90,6 +90,7 @@ def k8s(
     cpu: str = typer.Option("8", "--cpu", help="CPU request per pod."),
     memory: str = typer.Option("64Gi", "--memory", help="Memory request per pod."),
     max_restarts: int = RestartsOpt,
+    grace_s: int = typer.Option(300, "--grace", help="Seconds a pod may take to checkpoint after SIGTERM."),
     env: List[str] = typer.Option([], "--env", help="Extra KEY=VALUE for the workers (repeatable)."),
     placement: Optional[Path] = PlacementOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the manifest here instead of stdout."),
@@ -100,7 +101,7 @@ def k8s(
     spec = k8s_mod.K8sSpec(config=config, overrides=list(set_), nodes=nodes, gpus_per_node=gpus_per_node,
                            nproc_per_node=nproc_per_node, image=image, name=name, namespace=namespace,
                            storage=storage, storage_class=storage_class, claim=claim, cpu=cpu, memory=memory,
-                           max_restarts=max_restarts, env=list(env), placement=placement)
+                           max_restarts=max_restarts, env=list(env), placement=placement, grace_s=grace_s)
     manifest = k8s_mod.render(spec)
     if out is None:
         print(manifest, end="")
