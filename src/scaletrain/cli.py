@@ -27,15 +27,18 @@ def train(
     config: Optional[str] = ConfigOpt,
     set_: List[str] = SetOpt,
     nproc: int = typer.Option(1, "--nproc", "-n", help="Local worker processes (started with torchrun)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<timestamp>)."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Run directory (default runs/<timestamp>); "
+                                         "new, empty, or an earlier run's (to resume it)."),
     max_restarts: int = typer.Option(0, "--max-restarts", help="Restart the workers up to K times when one "
                                       "dies (torchrun's elastic agent); each restart resumes from the newest "
                                       "checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start even when the memory pre-flight estimates that "
+                               "the job does not fit in this machine's memory."),
 ) -> None:
     """Train a model. Under an external torchrun, joins the existing process group."""
     from scaletrain.train import train as run_train
 
-    raise typer.Exit(run_train(config, set_, nproc, run_dir, max_restarts))
+    raise typer.Exit(run_train(config, set_, nproc, run_dir, max_restarts, force))
 
 
 @config_app.command("show")
@@ -78,13 +81,14 @@ def checkpoint_inspect(path: Path, as_json: bool = typer.Option(False, "--json",
 
 @checkpoint_app.command("export")
 def checkpoint_export(path: Path, to: str = typer.Option("hf", "--to", help="Target format: hf."),
-                      out: Path = typer.Argument(..., help="Output folder.")) -> None:
-    """Write a checkpoint's weights as a HF Transformers LlamaForCausalLM folder."""
+                      out: Path = typer.Argument(..., help="Output folder."),
+                      force: bool = typer.Option(False, "--force", help="Write into a non-empty folder.")) -> None:
+    """Write a checkpoint's weights and tokenizer as a HF Transformers LlamaForCausalLM folder."""
     from scaletrain.checkpoint.hf import export_hf
 
     if to != "hf":
         raise UserError(f"--to {to!r}; allowed: hf")
-    print(f"wrote {export_hf(path, out)}")
+    print(f"wrote {export_hf(path, out, force)}")
 
 
 @checkpoint_app.command("import")
@@ -107,6 +111,10 @@ from scaletrain.launch.cli import allocate, launch_app  # noqa: E402  (typer onl
 
 app.add_typer(launch_app, name="launch")
 app.command("allocate")(allocate)
+
+from scaletrain.serve.cli import serve  # noqa: E402  (typer only; the work loads on use)
+
+app.command("serve")(serve)
 
 
 @app.command()

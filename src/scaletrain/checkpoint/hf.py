@@ -54,6 +54,14 @@ def model_config_from_hf(config: dict) -> dict:
             "rope_theta": float(rope_theta), "tie_embeddings": bool(config.get("tie_word_embeddings", False))}
 
 
+def read_safetensors(path: Path) -> dict:
+    """The tensors of a safetensors file; a UserError if it is not one (truncated, corrupted)."""
+    try:
+        return load_file(str(path))
+    except Exception as exc:  # safetensors raises its own SafetensorError and OSError/ValueError
+        raise UserError(f"{path}: not a readable safetensors file ({exc})") from None
+
+
 def load_checkpoint_model(ckpt_dir: Path) -> tuple[Config, Llama]:
     """A plain single-process model holding a checkpoint's weights (any layout)."""
     if (problem := verify(ckpt_dir)) is not None:
@@ -65,12 +73,28 @@ def load_checkpoint_model(ckpt_dir: Path) -> tuple[Config, Llama]:
     return cfg, model
 
 
-def export_hf(ckpt_dir: Path, out_dir: Path) -> Path:
+def _check_export_target(out_dir: Path, force: bool) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise UserError(f"{out_dir} is a file; export writes a folder")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not force:
+        raise UserError(f"{out_dir} is not empty; choose a new folder or pass --force to overwrite its files")
+
+
+def export_hf(ckpt_dir: Path, out_dir: Path, force: bool = False) -> Path:
+    """Weights, config.json, generation_config.json and the tokenizer (with
+    the EOS token and a chat template) as a folder ``transformers`` loads."""
+    from scaletrain.checkpoint.hf_tokenizer import checkpoint_tokenizer, write_hf_tokenizer
+
+    _check_export_target(out_dir, force)
     cfg, model = load_checkpoint_model(ckpt_dir)
+    tokenizer = checkpoint_tokenizer(cfg)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors = {_to_hf_name(name): p.detach().contiguous() for name, p in model.named_parameters()}
     save_file(tensors, str(out_dir / "model.safetensors"), metadata={"format": "pt"})
-    (out_dir / "config.json").write_text(json.dumps(hf_config(cfg.model), indent=1))
+    special = {"eos_token_id": tokenizer.eos_id, "bos_token_id": None, "pad_token_id": tokenizer.eos_id}
+    (out_dir / "config.json").write_text(json.dumps({**hf_config(cfg.model), **special}, indent=1))
+    (out_dir / "generation_config.json").write_text(json.dumps(special, indent=1))
+    write_hf_tokenizer(tokenizer, out_dir, cfg.model.max_seq_len)
     return out_dir
 
 
@@ -89,8 +113,12 @@ def import_hf(hf_dir: Path, out_dir: Path, base_config: Config | None = None) ->
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **shape))
     validate(cfg)
     model = Llama(cfg.model)
-    weights = {_from_hf_name(k): v for k, v in load_file(str(weights_path)).items()}
-    missing, unexpected = model.load_state_dict(weights, strict=False)
+    weights = {_from_hf_name(k): v for k, v in read_safetensors(weights_path).items()}
+    try:
+        missing, unexpected = model.load_state_dict(weights, strict=False)
+    except RuntimeError as exc:  # shapes that do not match the config
+        problem = str(exc).split("\n\t", 1)[-1].split("\n")[0]
+        raise UserError(f"{weights_path}: tensors do not match {config_path}: {problem}") from None
     missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
     if missing or unexpected:
         raise UserError(f"{weights_path}: tensors do not match the config (missing {missing[:3]}, "

@@ -80,7 +80,8 @@ class Engine:
 
     # -- requests ---------------------------------------------------------------
 
-    def add(self, request_id: str, prompt: list[int], params: SamplingParams, n: int = 1) -> None:
+    def add(self, request_id: str, prompt: list[int], params: SamplingParams, n: int = 1,
+            arrival_s: float | None = None) -> None:
         if request_id in self.by_request:
             raise ValueError(f"request {request_id!r} is already running")
         choices = []
@@ -88,6 +89,7 @@ class Engine:
             # Choice i of a seeded request draws from seed + i: reproducible, yet distinct.
             p = params if params.seed is None or index == 0 else _with_seed(params, params.seed + index)
             seq = Sequence(next(self._ids), list(prompt), len(prompt), p, make_generator(p))
+            seq.arrival_s = arrival_s or seq.arrival_s
             choice = _Choice(request_id, index, seq)
             self.choices[seq] = choice
             choices.append(choice)
