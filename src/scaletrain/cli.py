@@ -54,6 +54,24 @@ def config_keys() -> None:
     print(config_help())
 
 
+@config_app.command("import-deepspeed")
+def config_import_deepspeed(
+    ds_config: Path, config: Optional[str] = ConfigOpt, set_: List[str] = SetOpt,
+    world_size: Optional[int] = typer.Option(None, "--world-size", help="Data-parallel ranks, when the DeepSpeed "
+                                             "config has no train_batch_size."),
+    out: Optional[Path] = typer.Option(None, "--out", "-o", help="Write the TOML here instead of stdout."),
+) -> None:
+    """A DeepSpeed JSON config as a scaletrain config (on --config's base); warns about what cannot carry over."""
+    from scaletrain.config_deepspeed import import_deepspeed
+
+    cfg = import_deepspeed(ds_config, config, set_, world_size, lambda m: print(f"warning: {m}", file=sys.stderr))
+    if out is None:
+        print(cfg.to_toml(), end="")
+    else:
+        out.write_text(cfg.to_toml())
+        print(f"wrote {out}; train with: scaletrain train --config {out}")
+
+
 @checkpoint_app.command("inspect")
 def checkpoint_inspect(path: Path, as_json: bool = typer.Option(False, "--json", help="Machine-readable.")) -> None:
     """Step, layout, tensors, sizes and validity of a checkpoint directory."""
