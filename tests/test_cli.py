@@ -38,7 +38,7 @@ def test_command_surface_is_frozen():
                                      "allocate"}
     assert set(command.commands["launch"].commands) == {"slurm", "k8s"}
     assert set(command.commands["bench"].commands) == {"comm"}
-    assert set(command.commands["config"].commands) == {"show", "keys"}
+    assert set(command.commands["config"].commands) == {"show", "keys", "import-deepspeed"}
     assert set(command.commands["checkpoint"].commands) == {"inspect", "export", "import"}
     assert {p.name for p in command.commands["train"].params} == {"config", "set_", "nproc", "run_dir",
                                                                    "max_restarts"}
