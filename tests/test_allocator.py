@@ -124,3 +124,16 @@ def test_allocate_bad_input(tmp_path, inventory_text, jobs_text, needle):
     lines = proc.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and needle in lines[0], proc.stderr
     assert not out.exists()
+
+
+def test_simulation_of_a_small_stream():
+    from scaletrain.launch.simulate import simulate
+
+    jobs = [Job("a", dp=4, submit_s=0.0, duration_s=2.0), Job("b", dp=4, submit_s=0.0, duration_s=1.0),
+            Job("c", dp=8, submit_s=0.5, duration_s=1.0), Job("d", dp=1, submit_s=0.5, duration_s=1.0)]
+    result = simulate(nodes(("n0", 4), ("n1", 4)), jobs, "first_fit")
+    # c (8 GPUs) waits for a and d to end at t=2; d backfills when b ends at t=1
+    assert result.mean_wait == pytest.approx((0 + 0 + 1.5 + 0.5) / 4)
+    assert result.makespan == pytest.approx(3.0)
+    assert result.utilisation == pytest.approx(1.0)  # all 8 GPUs busy until the last arrival
+    assert result.never_ran == 0
