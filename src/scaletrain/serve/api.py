@@ -216,7 +216,8 @@ class _Builder:
                                 for t, lp in entries]}
         return {"tokens": [self._token(t) for t, _ in entries],
                 "token_logprobs": [lp.logprob for _, lp in entries],
-                "top_logprobs": [{self._token(a): v for a, v in lp.top} for _, lp in entries],
+                # Worst first, so that of two ids with the same text the better one stays.
+                "top_logprobs": [{self._token(a): v for a, v in reversed(lp.top)} for _, lp in entries],
                 "text_offset": []}
 
     def chunk(self, index: int, text, finish_reason, logprobs, role: bool = False, with_usage: bool = False) -> dict:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -68,7 +69,9 @@ def _load_checkpoint(ckpt_dir: Path) -> LoadedModel:
     from scaletrain.checkpoint.hf import load_checkpoint_model
     from scaletrain.checkpoint.hf_tokenizer import checkpoint_tokenizer
 
-    cfg, model = load_checkpoint_model(ckpt_dir)
+    with warnings.catch_warnings():  # DCP's "assuming ... a single process": that is the intent
+        warnings.filterwarnings("ignore", message="torch.distributed is disabled")
+        cfg, model = load_checkpoint_model(ckpt_dir)
     tokenizer = checkpoint_tokenizer(cfg)
     return LoadedModel(model, tokenizer, tokenizer.eos_id, None, ckpt_dir)
 
