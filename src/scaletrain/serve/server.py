@@ -124,8 +124,9 @@ def serve(opts: ServeOptions) -> int:
 
 def _fatal(workers):
     def on_fatal(exc: BaseException) -> None:
-        traceback.print_exception(exc, file=sys.stderr)
         reason = workers.failure() if workers is not None else None
+        if reason is None:  # a bug, not a worker gone: keep the traceback
+            traceback.print_exception(exc, file=sys.stderr)
         print(f"error: the engine stopped: {reason or exc}; shutting down", file=sys.stderr, flush=True)
         if workers is not None:
             workers.kill()
