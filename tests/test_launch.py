@@ -58,14 +58,14 @@ def test_slurm_script_starts_one_torchrun_per_node_on_the_head_node(tmp_path):
                           "--time", "2:00:00", "--partition", "batch", *BATCH)
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --requeue", "#SBATCH --time=2:00:00",
                  "#SBATCH --partition=batch", "#SBATCH --signal=B:USR1@300",
-                 f"#SBATCH --output={tmp_path / 'run'}/logs/slurm-%j.out"):
+                 f"#SBATCH --output={tmp_path / 'run-slurm'}/logs/slurm-%j.out"):
         assert line in script.splitlines()
     assert "--gpus-per-node" not in script and "NCCL_DEBUG" not in script  # CPU job
     fake_tools(tmp_path / "bin", "localhost\\nother\\n", 0, None)
     proc = run_script(tmp_path, script)
     assert proc.returncode == 0, proc.stderr
     args = (tmp_path / "run" / "srun.args").read_text().splitlines()
-    assert f"--output={tmp_path / 'run'}/logs/slurm-%j-%N.out" in args  # one log per node
+    assert f"--output={tmp_path / 'run-slurm'}/logs/slurm-%j-%N.out" in args  # one log per node, beside the run
     torchrun = args[args.index("-m") - 1:]
     assert torchrun[:3] == [shutil.which("python3") and torchrun[0], "-m", "torch.distributed.run"]
     assert "--nnodes=1" in torchrun and "--nproc-per-node=2" in torchrun and "--rdzv-backend=c10d" in torchrun

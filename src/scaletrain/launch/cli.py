@@ -32,7 +32,9 @@ def slurm(
     gpus_per_node: int = GpusOpt,
     nproc_per_node: Optional[int] = NprocOpt,
     run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory on a filesystem every node "
-                                           "sees (default runs/<config name>-slurm); resubmitting resumes."),
+                                           "sees (default runs/<config name>); resubmitting resumes."),
+    job_dir: Optional[Path] = typer.Option(None, "--job-dir", help="Where the script and the per-node logs go "
+                                           "(default RUN_DIR-slurm, beside the run directory)."),
     partition: Optional[str] = typer.Option(None, "--partition", "-p", help="Slurm partition."),
     time_limit: Optional[str] = typer.Option(None, "--time", "-t", help="Slurm time limit (e.g. 4:00:00)."),
     account: Optional[str] = typer.Option(None, "--account", "-A", help="Slurm account."),
@@ -44,7 +46,7 @@ def slurm(
     env: List[str] = typer.Option([], "--env", help="Extra KEY=VALUE for the workers (repeatable)."),
     placement: Optional[Path] = PlacementOpt,
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Where to write the script "
-                                       "(default RUN_DIR/slurm.sbatch)."),
+                                       "(default JOB_DIR/slurm.sbatch)."),
     dry_run: bool = typer.Option(False, "--dry-run", help="Print the script; write and submit nothing."),
     submit: bool = typer.Option(False, "--submit", help="Submit it with sbatch."),
 ) -> None:
@@ -52,17 +54,18 @@ def slurm(
     from scaletrain.launch import slurm as slurm_mod
 
     spec = slurm_mod.SlurmSpec(config=config, overrides=list(set_), nodes=nodes, gpus_per_node=gpus_per_node,
-                               nproc_per_node=nproc_per_node, run_dir=run_dir, partition=partition,
+                               nproc_per_node=nproc_per_node, run_dir=run_dir, job_dir=job_dir,
+                               partition=partition,
                                time_limit=time_limit, account=account, cpus_per_node=cpus_per_node, port=port,
                                grace_s=grace_s, max_restarts=max_restarts, env=list(env), placement=placement)
-    script, run_dir = slurm_mod.render(spec)
+    script, job_dir = slurm_mod.render(spec)
     if dry_run:
         if submit:
             raise UserError("--dry-run and --submit exclude each other")
         print(script, end="")
         return
-    path = out or run_dir / "slurm.sbatch"
-    (run_dir / "logs").mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the script runs
+    path = out or job_dir / "slurm.sbatch"
+    (job_dir / "logs").mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the script runs
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(script)
     print(f"wrote {path}")

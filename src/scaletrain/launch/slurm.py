@@ -18,7 +18,9 @@ What the script does, and why:
   preempted job; before the time limit (``--signal=B:USR1@GRACE``) the
   script checkpoints and requeues itself. A requeued or resubmitted job
   resumes from the newest checkpoint in its run directory.
-- Each node's output goes to its own file under RUN_DIR/logs.
+- The script and each node's log go to a job directory beside the run
+  directory (RUN_DIR-slurm/: slurm.sbatch, logs/slurm-JOBID-NODE.out); the
+  run directory holds only the run.
 """
 
 from __future__ import annotations
@@ -42,6 +44,7 @@ class SlurmSpec:
     gpus_per_node: int
     nproc_per_node: int | None = None
     run_dir: Path | None = None
+    job_dir: Path | None = None
     partition: str | None = None
     time_limit: str | None = None
     account: str | None = None
@@ -54,7 +57,7 @@ class SlurmSpec:
 
 
 def render(spec: SlurmSpec) -> tuple[str, Path]:
-    """The sbatch script and its run directory (absolute)."""
+    """The sbatch script and its job directory (absolute), where the script and logs go."""
     job = check_job(spec.config, spec.overrides, spec.nodes, spec.gpus_per_node, spec.nproc_per_node,
                     spec.env or [], spec.max_restarts, spec.placement)
     if not 0 <= spec.port < 65536:
@@ -63,13 +66,17 @@ def render(spec: SlurmSpec) -> tuple[str, Path]:
         raise UserError(f"--grace = {spec.grace_s}; allowed: 0 or more seconds")
     if spec.cpus_per_node is not None and spec.cpus_per_node < 1:
         raise UserError(f"--cpus-per-node = {spec.cpus_per_node}; allowed: 1 or more")
-    run_dir = (spec.run_dir or Path("runs") / f"{spec.config.stem}-slurm").resolve()
-    sections = [_header(spec, job, run_dir), _head_node(job), _environment(spec, job),
+    run_dir = (spec.run_dir or Path("runs") / spec.config.stem).resolve()
+    job_dir = (spec.job_dir or run_dir.parent / f"{run_dir.name}-slurm").resolve()
+    if job_dir == run_dir or run_dir in job_dir.parents:
+        raise UserError(f"--job-dir {job_dir} must lie outside --run-dir {run_dir} (a run directory holds only "
+                        "the run)")
+    sections = [_header(spec, job, run_dir, job_dir), _head_node(job), _environment(spec, job),
                 _step(spec, job, run_dir), _epilogue()]
-    return "\n".join(sections), run_dir
+    return "\n".join(sections), job_dir
 
 
-def _header(spec: SlurmSpec, job: Job, run_dir: Path) -> str:
+def _header(spec: SlurmSpec, job: Job, run_dir: Path, job_dir: Path) -> str:
     q = shlex.quote
     lines = ["#!/bin/bash",
              "# Written by `scaletrain launch slurm`. Resubmit it (sbatch this file) to resume from the newest",
@@ -77,7 +84,7 @@ def _header(spec: SlurmSpec, job: Job, run_dir: Path) -> str:
              f"#SBATCH --job-name=scaletrain-{spec.config.stem}",
              f"#SBATCH --nodes={job.nodes}",
              "#SBATCH --ntasks-per-node=1",
-             f"#SBATCH --output={run_dir}/logs/slurm-%j.out",
+             f"#SBATCH --output={job_dir}/logs/slurm-%j.out",
              "#SBATCH --open-mode=append",
              "#SBATCH --requeue"]
     if job.gpus_per_node:
@@ -93,9 +100,10 @@ def _header(spec: SlurmSpec, job: Job, run_dir: Path) -> str:
         lines += [f"#SBATCH --nodelist={','.join(h for h, _ in job.hosts)}", "#SBATCH --exclusive"]
     lines += ["", "set -uo pipefail",
               f"RUN_DIR={q(str(run_dir))}",
+              f"JOB_DIR={q(str(job_dir))}",
               f"PYTHON={q(sys.executable)}",
               f"cd {q(str(Path.cwd()))}",
-              'mkdir -p "$RUN_DIR/logs"', ""]
+              'mkdir -p "$JOB_DIR/logs"', ""]
     return "\n".join(lines)
 
 
@@ -159,7 +167,7 @@ trap 'REQUEUE=1; scancel --signal=TERM "$SLURM_JOB_ID"' USR1
 trap 'echo "SIGTERM: waiting for the workers to checkpoint"' TERM
 
 echo "head node $HEAD_NODE ($HEAD_ADDR:$PORT), rendezvous $RDZV_ID, $SLURM_JOB_NUM_NODES nodes x $NPROC_PER_NODE"
-srun --ntasks-per-node=1 --open-mode=append --output="$RUN_DIR/logs/slurm-%j-%N.out" \\
+srun --ntasks-per-node=1 --open-mode=append --output="$JOB_DIR/logs/slurm-%j-%N.out" \\
   {pin}{command} &
 STEP_PID=$!
 wait "$STEP_PID"; STATUS=$?
@@ -194,7 +202,7 @@ then
   if [ "$REQUEUE" = 1 ]; then scontrol requeue "$SLURM_JOB_ID"; fi
   exit 0
 fi
-echo "error: training failed (srun exit $STATUS); see $RUN_DIR/logs" >&2
+echo "error: training failed (srun exit $STATUS); see $JOB_DIR/logs" >&2
 exit "$STATUS"
 """
 
