@@ -34,14 +34,14 @@ def test_command_surface_is_frozen():
     import typer
 
     command = typer.main.get_command(app)
-    assert set(command.commands) == {"train", "config", "checkpoint", "plan", "doctor", "bench", "launch",
+    assert set(command.commands) == {"train", "config", "checkpoint", "plan", "doctor", "bench", "launch", "serve",
                                      "allocate"}
     assert set(command.commands["launch"].commands) == {"slurm", "k8s"}
     assert set(command.commands["bench"].commands) == {"comm"}
     assert set(command.commands["config"].commands) == {"show", "keys", "import-deepspeed"}
     assert set(command.commands["checkpoint"].commands) == {"inspect", "export", "import"}
     assert {p.name for p in command.commands["train"].params} == {"config", "set_", "nproc", "run_dir",
-                                                                   "max_restarts"}
+                                                                   "max_restarts", "force"}
 
 
 @pytest.mark.parametrize("make_args, needle", [
@@ -99,7 +99,8 @@ def test_train_writes_the_contract_files(tmp_path, debug_config):
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {"config.toml", "metrics.jsonl", "summary.json", "model.safetensors",
-                                               "checkpoints"}
+                                               "checkpoints", ".scaletrain.lock"}
+    assert (run / ".scaletrain.lock").read_text() == ""  # released: no holder named
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000008"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in records] == [2, 4, 6, 8]

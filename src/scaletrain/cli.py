@@ -27,15 +27,18 @@ def train(
     config: Optional[str] = ConfigOpt,
     set_: List[str] = SetOpt,
     nproc: int = typer.Option(1, "--nproc", "-n", help="Local worker processes (started with torchrun)."),
-    run_dir: Optional[Path] = typer.Option(None, "--run-dir", help="Run directory (default runs/<timestamp>)."),
+    run_dir: Optional[str] = typer.Option(None, "--run-dir", help="Run directory (default runs/<timestamp>); "
+                                         "new, empty, or an earlier run's (to resume it)."),
     max_restarts: int = typer.Option(0, "--max-restarts", help="Restart the workers up to K times when one "
                                       "dies (torchrun's elastic agent); each restart resumes from the newest "
                                       "checkpoint."),
+    force: bool = typer.Option(False, "--force", help="Start even when the memory pre-flight estimates that "
+                               "the job does not fit in this machine's memory."),
 ) -> None:
     """Train a model. Under an external torchrun, joins the existing process group."""
     from scaletrain.train import train as run_train
 
-    raise typer.Exit(run_train(config, set_, nproc, run_dir, max_restarts))
+    raise typer.Exit(run_train(config, set_, nproc, run_dir, max_restarts, force))
 
 
 @config_app.command("show")

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import difflib
+import math
 import tomllib
 from dataclasses import dataclass, field, fields
 from pathlib import Path
@@ -141,7 +142,8 @@ class DebugConfig:
                                     "hang_report.json and stops the job with exit code 3; 0 = watchdog off",
                              minimum=0.0)
     inject_fault: str = _f("", "fault injection for testing the hang diagnosis: KIND:RANK:STEP with KIND one of "
-                              "extra_collective, fewer_batches, swallow_exception, sleep, kill, slow; empty = none")
+                              "extra_collective, fewer_batches, swallow_exception, sleep, kill, slow, raise (an uncaught error), "
+                              "nan (a NaN loss); empty = none")
     straggler_factor: float = _f(1.5, "a rank whose step time exceeds the median by this factor is reported "
                                       "as a straggler (checked every logging.interval steps); 0 = off",
                                  minimum=0.0)
@@ -263,6 +265,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw: dict[str, dict[str, Any]] = {}
     if path is not None:
         path = Path(path)
+        if path.is_dir():
+            raise UserError(f"--config {path} is a directory; give a .toml file (e.g. configs/tiny.toml)")
         if not path.is_file():
             raise UserError(f"config file {path} does not exist")
         try:
@@ -291,7 +295,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-FAULT_KINDS = ("extra_collective", "fewer_batches", "swallow_exception", "sleep", "kill", "slow")
+FAULT_KINDS = ("extra_collective", "fewer_batches", "swallow_exception", "sleep", "kill", "slow", "raise", "nan")
 
 
 def parse_fault(text: str) -> tuple[str, int, int]:
@@ -314,6 +318,8 @@ def validate(cfg: Config) -> None:
             if choices is not None and value not in choices:
                 raise UserError(f"{section}.{name} = {value!r} is not allowed; allowed: "
                                 f"{', '.join(map(str, choices))}{_did_you_mean(str(value), map(str, choices))}")
+            if isinstance(value, float) and not math.isfinite(value):
+                raise UserError(f"{section}.{name} = {value!r} is not a finite number")
             if minimum is not None and value < minimum:
                 raise UserError(f"{section}.{name} = {value!r} must be >= {minimum}")
     m, d, t, p = cfg.model, cfg.data, cfg.training, cfg.parallel
@@ -328,6 +334,9 @@ def validate(cfg: Config) -> None:
     if t.global_batch_size % t.micro_batch_size:
         raise UserError(f"training.global_batch_size = {t.global_batch_size} is not divisible by "
                         f"training.micro_batch_size = {t.micro_batch_size}")
+    for key in ("beta1", "beta2"):
+        if not getattr(t, key) < 1:
+            raise UserError(f"training.{key} = {getattr(t, key)!r} must be < 1 (AdamW's moment decay; allowed: 0 <= beta < 1)")
     if t.min_lr > t.lr:
         raise UserError(f"training.min_lr = {t.min_lr} exceeds training.lr = {t.lr}")
     if cfg.debug.inject_fault:

@@ -15,13 +15,14 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 import torch.distributed.checkpoint as dcp
+from torch.distributed.checkpoint.api import CheckpointException
 
 from scaletrain.checkpoint.manifest import read_manifest, seal, step_dir_name, step_dirs, verify
-from scaletrain.checkpoint.paths import CheckpointError, checkpoint_root, warn
+from scaletrain.checkpoint.paths import CheckpointError, check_model_matches, checkpoint_root
 from scaletrain.checkpoint.safe_reader import SafeReader
 from scaletrain.checkpoint.state import (init_optimizer_state, model_state, optimizer_state, rng_state,
                                          set_rng_state)
-from scaletrain.errors import UserError
+from scaletrain.errors import UserError, describe_error, warn
 
 FORMAT_VERSION = 1
 
@@ -39,6 +40,11 @@ class CheckpointManager:
         self.async_group = None
         if self.cfg.async_save and self.runtime.distributed:
             self.async_group = dist.new_group(backend="gloo")
+        if self.runtime.is_main and self.root.is_dir():
+            # Half-written saves of a job that died (this job holds the run
+            # directory's lock, so no one else is writing them).
+            for stale in self.root.glob(".tmp-step_*"):
+                shutil.rmtree(stale, ignore_errors=True)
 
     # -- saving ---------------------------------------------------------------
 
@@ -80,8 +86,8 @@ class CheckpointManager:
                 self.last_saved_step = step
                 return
             dcp.save(self._state(), checkpoint_id=str(tmp), no_dist=not self.runtime.distributed)
-        except Exception as exc:  # DCP gathers every rank's write errors into one exception
-            return self._failed(tmp, f"writing {tmp} failed: {exc}")
+        except (Exception, CheckpointException) as exc:  # DCP's gathers every rank's errors (a BaseException)
+            return self._failed(tmp, f"writing {tmp} failed: {describe_error(exc)}")
         self._finish(tmp, step)
 
     def wait(self) -> None:
@@ -92,8 +98,8 @@ class CheckpointManager:
         self.pending = None
         try:
             future.result()
-        except Exception as exc:
-            return self._failed(tmp, f"writing {tmp} failed: {exc}")
+        except (Exception, CheckpointException) as exc:
+            return self._failed(tmp, f"writing {tmp} failed: {describe_error(exc)}")
         self._finish(tmp, step)
 
     def _finish(self, tmp: Path, step: int) -> None:
@@ -135,9 +141,14 @@ class CheckpointManager:
     def _failed(self, tmp: Path, message: str) -> None:
         if self.runtime.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
+        try:  # a full disk shows up as odd errors from the writers ("unexpected pos ..."): say how full
+            message += f" ({shutil.disk_usage(self.root).free / 2**20:.1f} MiB free in {self.root})"
+        except OSError:
+            pass
         if self.cfg.on_error == "stop":
             raise CheckpointError(f"{message} (checkpoint.on_error = stop; earlier checkpoints are intact)")
-        warn(f"{message}; training continues without this checkpoint (checkpoint.on_error = continue)")
+        if self.runtime.is_main:
+            warn(f"{message}; training continues without this checkpoint (checkpoint.on_error = continue)")
 
     # -- loading --------------------------------------------------------------
 
@@ -174,14 +185,6 @@ class CheckpointManager:
         check_model_matches(info["config"]["model"], t.cfg)
         dcp.load(model_state(t.model), storage_reader=SafeReader(str(ckpt_dir)),
                  no_dist=not self.runtime.distributed)
-
-
-def check_model_matches(saved: dict, cfg) -> None:
-    shape_keys = ("dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "tie_embeddings")
-    current = cfg.to_dict()["model"]
-    diffs = [f"model.{k}: checkpoint {saved[k]!r}, this run {current[k]!r}" for k in shape_keys if saved[k] != current[k]]
-    if diffs:
-        raise UserError("the checkpoint's model shape differs from this run's: " + "; ".join(diffs))
 
 
 def describe(ckpt_dir: Path) -> dict:

@@ -57,6 +57,8 @@ def seal(tmp_dir: Path, final_dir: Path, info: dict) -> None:
 
 def verify(ckpt_dir: Path) -> str | None:
     """None when ``ckpt_dir`` is complete and intact, else what is wrong (naming the file)."""
+    if not ckpt_dir.is_dir():
+        return f"{ckpt_dir} is {'a file' if ckpt_dir.exists() else 'missing'}, not a checkpoint directory"
     manifest_path = ckpt_dir / MANIFEST
     try:
         manifest = json.loads(manifest_path.read_text())
@@ -64,7 +66,10 @@ def verify(ckpt_dir: Path) -> str | None:
         return f"{manifest_path} is missing (incomplete checkpoint)"
     except (json.JSONDecodeError, UnicodeDecodeError):
         return f"{manifest_path} is not valid JSON"
-    for name, expected in manifest.get("files", {}).items():
+    files = manifest.get("files") if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not files:
+        return f"{manifest_path} lists no files (a checkpoint holds at least its shards and train_state.json)"
+    for name, expected in files.items():
         path = ckpt_dir / name
         if not path.is_file():
             return f"{path} is missing"

@@ -21,9 +21,9 @@ from pathlib import Path
 import numpy as np
 
 from scaletrain.config import DataConfig
-from scaletrain.data.sources import read_documents, resolve_files
+from scaletrain.data.sources import ReadStats, read_documents, resolve_files
 from scaletrain.data.tokenizer import ByteTokenizer, HFTokenizer, train_bpe
-from scaletrain.errors import UserError
+from scaletrain.errors import UserError, warn
 
 ENCODE_BATCH = 256
 
@@ -79,7 +79,11 @@ def prepare_corpus(cfg: DataConfig, show_progress: bool = True) -> TokenCorpus:
     key = _digest(["tokens-v1", cfg.format, cfg.text_field, tokenizer.fingerprint, _files_fingerprint(files)])
     entry = Path(cfg.cache_dir).expanduser() / "tokens" / key
     if not (entry / "meta.json").is_file():
-        _build_entry(cfg, files, tokenizer, entry, show_progress)
+        try:
+            _build_entry(cfg, files, tokenizer, entry, show_progress)
+        except OSError as exc:  # a full or read-only cache directory
+            raise UserError(f"data.cache_dir = {cfg.cache_dir!r}: cannot write the token cache "
+                            f"({exc.strerror or exc}); free space there or set data.cache_dir") from None
     meta = json.loads((entry / "meta.json").read_text())
     return TokenCorpus(tokenizer, entry / "tokens.bin", meta["n_tokens"], meta["n_documents"], meta["dtype"])
 
@@ -90,6 +94,7 @@ def _build_entry(cfg: DataConfig, files: list[Path], tokenizer, entry: Path, sho
     tmp = Path(tempfile.mkdtemp(prefix=f".{entry.name}.", dir=entry.parent))
     try:
         n_tokens = n_documents = 0
+        stats = ReadStats()
         progress, task = _progress("tokenizing", len(files), show_progress)
         with progress, open(tmp / "tokens.bin", "wb") as out:
             batch: list[str] = []
@@ -104,7 +109,7 @@ def _build_entry(cfg: DataConfig, files: list[Path], tokenizer, entry: Path, sho
                 batch.clear()
 
             for path in files:
-                for doc in read_documents(path, cfg.format, cfg.text_field):
+                for doc in read_documents(path, cfg.format, cfg.text_field, stats):
                     if doc:
                         batch.append(doc)
                         n_documents += 1
@@ -114,6 +119,8 @@ def _build_entry(cfg: DataConfig, files: list[Path], tokenizer, entry: Path, sho
             flush()
             out.flush()
             os.fsync(out.fileno())
+        if (message := stats.warning(len(files))) is not None:
+            warn(message)
         if n_tokens == 0:
             raise UserError(f"data.source = {cfg.source!r}: the corpus is empty ({len(files)} file(s), no text)")
         meta = {"n_tokens": n_tokens, "n_documents": n_documents, "dtype": np.dtype(dtype).name,

@@ -49,7 +49,12 @@ class HFTokenizer:
         self.fingerprint = "hf-" + hashlib.sha256(path.read_bytes()).hexdigest()
 
     def encode_batch(self, texts: list[str]) -> list[np.ndarray]:
-        return [np.asarray(e.ids, dtype=np.int64) for e in self.tokenizer.encode_batch(texts)]
+        try:
+            encoded = self.tokenizer.encode_batch(texts)
+        except Exception as exc:  # e.g. a BPE without an unknown token meeting a character it lacks
+            raise UserError(f"data.tokenizer = {str(self.path)!r} cannot encode the corpus ({exc}); use a "
+                            "tokenizer with an unknown token or byte fallback (e.g. data.tokenizer = 'bpe')") from None
+        return [np.asarray(e.ids, dtype=np.int64) for e in encoded]
 
     def encode(self, text: str) -> list[int]:
         return self.tokenizer.encode(text).ids

@@ -39,6 +39,9 @@ def bench_comm(nproc: int, ops: str, min_bytes: str, max_bytes: str, iters: int,
         raise UserError(f"--min-bytes {min_bytes} is larger than --max-bytes {max_bytes}")
     if iters < 1:
         raise UserError(f"--iters = {iters}; allowed: 1 or more")
+    if out is not None and (out.is_dir() or not out.parent.is_dir()):
+        raise UserError(f"--out {out}: {'is a directory' if out.is_dir() else f'the directory {out.parent} does not exist'}"
+                        "; give a file path in an existing directory")
     if not under_launcher():
         check_nproc(nproc, minimum=2)
         from torch.distributed.elastic.multiprocessing.errors import ChildFailedError

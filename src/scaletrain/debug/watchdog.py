@@ -123,6 +123,7 @@ class Watchdog:
         while not self._stop.wait(self.interval):
             try:
                 self._publish()
+                self._exit_if_peer_failed()
                 if self.store.check([f"{_PREFIX}dump_request"]):
                     self._dump_and_exit()
                 hung = self._find_hang()
@@ -133,6 +134,26 @@ class Watchdog:
                     return
                 print(f"watchdog: {exc}", file=sys.stderr)
                 return
+
+    # --- one rank's own error ends the job (scaletrain.train.failures)
+    def announce_failure(self, line: str) -> None:
+        """Tell the other ranks that this one failed, so they stop now."""
+        try:
+            if not self.store.check([f"{_PREFIX}failed"]):
+                self.store.set(f"{_PREFIX}failed", json.dumps({"rank": self.rank, "line": line}))
+        except Exception:  # the store is gone: the others find out from their collectives
+            pass
+
+    def peer_failure(self) -> dict | None:
+        if not self.store.check([f"{_PREFIX}failed"]):
+            return None
+        failure = json.loads(self.store.get(f"{_PREFIX}failed"))
+        return failure if failure["rank"] != self.rank else None
+
+    def _exit_if_peer_failed(self) -> None:
+        if (failure := self.peer_failure()) is not None:
+            print(f"error: stopping rank {self.rank}: {failure['line']}", file=sys.stderr, flush=True)
+            _exit(1)
 
     def heartbeats(self) -> dict[int, dict]:
         beats = {}
@@ -178,6 +199,7 @@ class Watchdog:
 
     def report(self, trigger: str, error: str | None = None) -> None:
         """Collect every reachable rank's dump, write the report, exit 3."""
+        self._exit_if_peer_failed()  # a rank that died of its own error is not a hang
         self.store.set(f"{_PREFIX}dump_request", "1")
         self._dump()
         deadline = time.time() + 2 * self.interval + 0.5
@@ -202,17 +224,26 @@ class Watchdog:
         _exit(EXIT_HANG)
 
     def on_failure(self, exc: BaseException) -> None:
-        """A collective raised on this rank (e.g. a peer died): if another rank
-        is missing or out of step, report it; otherwise return."""
-        for sig in (signal.SIGTERM, signal.SIGINT):  # torchrun stops the group when a peer dies: finish first
-            signal.signal(sig, signal.SIG_IGN)
+        """A collective raised on this rank (e.g. a peer died): a peer that
+        announced its own error ends this rank (exit 1); a dead, missing or
+        out-of-step peer is reported (exit 3); otherwise return. SIGTERM or
+        SIGINT (torchrun stops the group when a peer dies) cuts the search
+        short to one last look, never waits it out."""
+        signalled = threading.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            signal.signal(sig, lambda signum, frame: signalled.set())
         deadline = time.time() + max(self.timeout, 3 * self.interval) + self.interval
-        while time.time() < deadline:
-            trigger = self._find_hang()
-            if trigger:
+        trigger = None
+        while time.time() < deadline and trigger is None:
+            try:
+                self._exit_if_peer_failed()
+                trigger = self._find_hang()
+            except Exception:  # the store is gone (the agent ended the job): nothing to diagnose
+                return
+            if signalled.is_set():
                 break
-            time.sleep(self.interval / 2)
-        else:
+            signalled.wait(self.interval / 2)
+        if trigger is None:
             return
         if self.store.add(f"{_PREFIX}reporter", 1) == 1:
             self.report(trigger, error=f"{type(exc).__name__}: {exc}")

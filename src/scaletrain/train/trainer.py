@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import json
+import math
 import os
 import signal
 import statistics
@@ -77,6 +78,9 @@ class Trainer:
         self.autocast_dtype = AUTOCAST_DTYPES.get(cfg.training.dtype)
         self.scaler = torch.amp.GradScaler(runtime.device.type) if cfg.training.dtype == "fp16" else None
         self.step = 0
+        self.phase = (0, "start")  # (step, what this rank is doing): named in a failure's error line
+        self.skipped_checkpoints: list[str] = []
+        self.nonfinite_steps: list[int] = []  # invalid checkpoints passed over when resuming
         self.memory: dict | None = None  # state bytes of this rank, measured on its first step
         self.measured: dict | None = None  # debug.measure_step's profile of this rank
         self.checkpoints = CheckpointManager(self) if cfg.checkpoint.enable else None
@@ -96,7 +100,8 @@ class Trainer:
         (checkpoint.init_from); rank 0 picks the directory for everyone."""
         if self.checkpoints is None:
             return None
-        choice = [str(find_resume_dir(self.cfg, self.run_dir) or "") if self.runtime.is_main else None]
+        choice = [str(find_resume_dir(self.cfg, self.run_dir, self.skipped_checkpoints) or "")
+                  if self.runtime.is_main else None]
         if self.runtime.distributed:
             dist.broadcast_object_list(choice, src=0)
         if choice[0]:
@@ -145,6 +150,8 @@ class Trainer:
                 # Gradients are reduced once, on the last micro-step.
                 with self.model.gradient_sync(micro == self.accum - 1):
                     loss = self._loss_fn(self.model(inputs), targets)
+                    if self._inject_nan():
+                        loss = loss * float("nan")
                     if micro == 0:
                         self.forward_times.append(time.perf_counter() - start)
                     (self.scaler.scale(loss) if self.scaler else loss).backward()
@@ -187,9 +194,14 @@ class Trainer:
         }
 
     def _phase(self, name: str, step: int | None = None) -> None:
-        """Tell the watchdog what this rank does now (default: working on the next step)."""
+        """Record (and tell the watchdog) what this rank does now (default: working on the next step)."""
+        self.phase = (self.step + 1 if step is None else step, name)
         if self.watchdog is not None:
-            self.watchdog.set(self.step + 1 if step is None else step, name)
+            self.watchdog.set(*self.phase)
+
+    def where(self) -> str:
+        step, name = self.phase
+        return f"at step {step} ({name.replace('_', ' ')})"
 
     def _inject(self, point: str) -> None:
         """debug.inject_fault: the classic ways a distributed job hangs, on one rank at one step."""
@@ -207,8 +219,15 @@ class Trainer:
             os.kill(os.getpid(), signal.SIGKILL)
         elif point == "start" and at_step and kind == "swallow_exception":
             raise _InjectedError(f"injected failure on rank {rank} at step {step}")
+        elif point == "start" and at_step and kind == "raise":
+            raise RuntimeError(f"injected failure on rank {rank} at step {step}")
         elif point == "after_loss" and at_step and kind == "extra_collective":
             dist.all_reduce(torch.zeros(1, device=self.runtime.device))  # only this rank calls it
+
+    def _inject_nan(self) -> bool:
+        """debug.inject_fault = nan:RANK:STEP: that rank's loss is NaN at that step."""
+        return self.fault is not None and self.fault[0] == "nan" and self.fault[1:] == (self.runtime.rank,
+                                                                                       self.step + 1)
 
     def _stragglers(self) -> list[dict]:
         """Ranks whose data + first-forward time (before any gradient
@@ -294,6 +313,7 @@ class Trainer:
                         self.step += 1
                         continue
                 records.append(record)
+                self._report_nonfinite(record)
                 if self.step % cfg.logging.interval == 0 or self.step == cfg.training.steps:
                     self._phase("straggler_check", self.step)
                     stragglers = self._stragglers()
@@ -324,6 +344,8 @@ class Trainer:
         summary = self._summary(records, elapsed)
         summary["stopped_early"] = self.step < cfg.training.steps
         summary["resumed_from"] = self.resumed_from
+        summary["skipped_checkpoints"] = self.skipped_checkpoints
+        summary["nonfinite_steps"] = self.nonfinite_steps
         self._phase("final_state_dict", self.step)
         state = self.model.full_state_dict()  # a collective: every rank takes part
         memory = [None] * self.runtime.world_size if self.runtime.distributed else None
@@ -336,8 +358,19 @@ class Trainer:
                 dist.all_gather_object(measured, {"rank": self.runtime.rank, **(self.measured or {})})
             summary["measured_by_rank"] = measured or [{"rank": 0, **(self.measured or {})}]
         if main:
+            self._phase("writing_outputs", self.step)
             self._write_outputs(summary, state)
         return summary
+
+    def _report_nonfinite(self, record: dict) -> None:
+        """A non-finite loss or gradient norm is reported on its step (rank 0,
+        the first one and then every 10th); the summary counts them."""
+        if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+            return
+        self.nonfinite_steps.append(record["step"])
+        if self.runtime.is_main and len(self.nonfinite_steps) % 10 == 1:
+            print(f"warning: step {record['step']}: loss {record['loss']}, grad_norm {record['grad_norm']} "
+                  f"(non-finite; {len(self.nonfinite_steps)} such step(s) so far)", file=sys.stderr, flush=True)
 
     def _agree_to_stop(self, local: bool) -> bool:
         """A signal may reach the ranks at different steps: stop when any rank saw one."""
@@ -382,6 +415,9 @@ class Trainer:
         n_new = self.cfg.logging.sample_tokens
         if n_new == 0:
             return []
+        if not all(torch.isfinite(t).all() for t in state.values()):
+            print("warning: the trained weights hold NaN/inf: no text sampled", file=sys.stderr)
+            return []
         model = Llama(self.cfg.model)
         missing, unexpected = model.load_state_dict(state, strict=False)
         assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
@@ -394,10 +430,17 @@ class Trainer:
 
     def _write_outputs(self, summary: dict, state: dict[str, torch.Tensor]) -> None:
         summary["samples"] = self.sample_text(state)
-        tmp = self.run_dir / "model.safetensors.tmp"
-        save_file(state, str(tmp), metadata={"step": str(self.step)})
-        os.replace(tmp, self.run_dir / "model.safetensors")
-        (self.run_dir / "summary.json").write_text(json.dumps(summary, indent=1))
+        # Each file whole or not at all: a failure (a full disk) leaves no half-written file.
+        outputs = {"model.safetensors": lambda path: save_file(state, str(path), metadata={"step": str(self.step)}),
+                   "summary.json": lambda path: path.write_text(json.dumps(summary, indent=1))}
+        for name, write in outputs.items():
+            tmp = self.run_dir / f"{name}.tmp"
+            try:
+                write(tmp)
+                os.replace(tmp, self.run_dir / name)
+            except BaseException:
+                tmp.unlink(missing_ok=True)
+                raise
 
 
 class _InjectedError(RuntimeError):
