@@ -98,25 +98,49 @@ def checkpoint_inspect(path: Path, as_json: bool = typer.Option(False, "--json",
 
 
 @checkpoint_app.command("export")
-def checkpoint_export(path: Path, to: str = typer.Option("hf", "--to", help="Target format: hf."),
+def checkpoint_export(path: Path, to: str = typer.Option("hf", "--to", help="Target format: hf or deepspeed."),
                       out: Path = typer.Argument(..., help="Output folder."),
-                      force: bool = typer.Option(False, "--force", help="Write into a non-empty folder.")) -> None:
-    """Write a checkpoint's weights and tokenizer as a HF Transformers LlamaForCausalLM folder."""
+                      force: bool = typer.Option(False, "--force", help="Write into a non-empty folder."),
+                      zero_stage: int = typer.Option(2, "--zero-stage", help="--to deepspeed: ZeRO stage (1-3) of "
+                                                     "the DeepSpeed run that loads it."),
+                      world_size: int = typer.Option(1, "--world-size", help="--to deepspeed: its data-parallel "
+                                                     "ranks.")) -> None:
+    """Write a checkpoint's weights and tokenizer as a HF Transformers LlamaForCausalLM folder, or
+    (--to deepspeed) weights and optimizer states as a DeepSpeed ZeRO checkpoint."""
     from scaletrain.checkpoint.hf import export_hf
 
+    if to == "deepspeed":
+        from scaletrain.checkpoint.deepspeed_convert import export_deepspeed
+
+        done = export_deepspeed(path, out, zero_stage, world_size, force)
+        print(f"wrote {done}; load it in DeepSpeed with engine.load_checkpoint({str(done)!r})")
+        return
     if to != "hf":
-        raise UserError(f"--to {to!r}; allowed: hf")
+        raise UserError(f"--to {to!r}; allowed: hf, deepspeed")
     print(f"wrote {export_hf(path, out, force)}")
 
 
 @checkpoint_app.command("import")
-def checkpoint_import(hf_dir: Path, out: Path, config: Optional[str] = ConfigOpt,
-                      set_: List[str] = SetOpt) -> None:
+def checkpoint_import(hf_dir: Path = typer.Argument(..., metavar="DIR"), out: Path = typer.Argument(...),
+                      config: Optional[str] = ConfigOpt, set_: List[str] = SetOpt,
+                      from_: str = typer.Option("hf", "--from", help="hf (a HF Llama folder) or deepspeed (a "
+                                                "DeepSpeed ZeRO-1/2/3 checkpoint folder).")) -> None:
     """Turn a HF Llama folder into a scaletrain checkpoint to fine-tune from
-    (then: scaletrain train --config OUT/config.toml --set checkpoint.init_from=OUT)."""
+    (then: scaletrain train --config OUT/config.toml --set checkpoint.init_from=OUT), or (--from deepspeed)
+    a DeepSpeed checkpoint into one that resumes its training (--set checkpoint.resume=OUT)."""
     from scaletrain.checkpoint.hf import import_hf
     from scaletrain.config import load_config
 
+    if from_ == "deepspeed":
+        from scaletrain.checkpoint.deepspeed_convert import import_deepspeed
+
+        done, resumes = import_deepspeed(hf_dir, out, load_config(config, set_))
+        key = "resume" if resumes else "init_from"
+        print(f"wrote {done}; continue with: scaletrain train --config {done}/config.toml "
+              f"--set checkpoint.{key}={done}")
+        return
+    if from_ != "hf":
+        raise UserError(f"--from {from_!r}; allowed: hf, deepspeed")
     done = import_hf(hf_dir, out, load_config(config, set_))
     print(f"wrote {done}; train from it with: scaletrain train --config {done}/config.toml "
           f"--set checkpoint.init_from={done}")
