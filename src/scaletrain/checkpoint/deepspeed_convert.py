@@ -162,12 +162,8 @@ def export_deepspeed(ckpt_dir: Path, out_dir: Path, zero_stage: int, world_size:
     if info.get("model_only") or f"optim.{names[0]}.exp_avg" not in tensors:
         raise UserError(f"{ckpt_dir} holds weights only (no optimizer states); export it with --to hf instead")
     t = cfg.training
-    if t.global_batch_size % world_size:
-        raise UserError(f"training.global_batch_size = {t.global_batch_size} is not divisible by --world-size "
-                        f"{world_size}")
-    ds_config = {"train_batch_size": t.global_batch_size,
-                 "train_micro_batch_size_per_gpu": t.global_batch_size // world_size,
-                 "gradient_accumulation_steps": 1, "gradient_clipping": t.grad_clip,
+    # For the record (DeepSpeed runs with its own config): the batch this checkpoint was trained with.
+    ds_config = {"train_batch_size": t.global_batch_size, "gradient_clipping": t.grad_clip,
                  "zero_optimization": {"stage": zero_stage}}
     state = DeepSpeedState(
         step=int(info["step"]), zero_stage=zero_stage, world_size=world_size,
