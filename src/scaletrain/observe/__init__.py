@@ -1,0 +1,2 @@
+"""Observability: exporters (Prometheus, TensorBoard, W&B offline), alert
+rules and their sinks."""
