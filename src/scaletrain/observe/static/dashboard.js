@@ -1,0 +1,376 @@
+// scaletrain dashboard: polls the server's JSON API and draws every run it
+// serves. Curves overlay all runs; the per-rank panels and tables show the
+// run chosen in "details of". Each stream is read from a cursor, so a poll
+// moves only new rows.
+"use strict";
+
+const POLL_MS = 2000;
+const RANK_WINDOW = 120;      // logged steps kept for the heatmap and breakdown
+const RANK_ROWS_FIRST = -20000; // first read of ranks.jsonl: its tail only
+const KEEP_ROWS = 1000;       // alerts and events kept per run
+const PALETTE = ["#2563eb", "#dc2626", "#16a34a", "#9333ea", "#ea580c", "#0891b2", "#ca8a04", "#db2777"];
+const PHASES = [["data_s", "data", "#a3a3a3"], ["forward_s", "forward", "#3b82f6"], ["backward_s", "backward", "#6366f1"],
+  ["optimizer_s", "optimizer", "#10b981"], ["comm_wait_s", "comm wait", "#ef4444"], ["other_s", "other", "#f59e0b"]];
+const CHARTS = [
+  {id: "loss", title: "loss", fields: ["loss", "val_loss"]},
+  {id: "lr", title: "learning rate", fields: ["lr"]},
+  {id: "grad_norm", title: "gradient norm", fields: ["grad_norm"]},
+  {id: "tokens_per_s", title: "throughput (tokens / s)", fields: ["tokens_per_s"]},
+  {id: "mfu", title: "MFU", fields: ["mfu"], empty: "no MFU: the device's peak FLOP/s is unknown (e.g. on CPU)"},
+  {id: "memory", title: "peak memory", fields: ["mem_peak_bytes"], bytes: true},
+];
+
+// Whole steps on the x axis: 1, 2, 5, 10, 20, 50, ...
+const STEP_INCREMENTS = [1, 2, 5].flatMap(m => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].map(e => m * e)).sort((a, b) => a - b);
+
+const runs = [];
+let focus = 0;
+const heat = {cells: 0, steps: [], ranks: [], rows: null};
+
+// ---- helpers --------------------------------------------------------------
+function el(tag, attrs = {}, ...children) {
+  const node = document.createElement(tag);
+  for (const [k, v] of Object.entries(attrs)) {
+    if (k === "class") node.className = v; else if (k === "style") node.style.cssText = v; else node.setAttribute(k, v);
+  }
+  for (const child of children) node.append(child instanceof Node ? child : String(child ?? ""));
+  return node;
+}
+function fmt(v) {
+  if (v == null) return "–";
+  if (typeof v !== "number") return String(v);
+  const a = Math.abs(v);
+  if (a >= 1e9) return (v / 1e9).toFixed(2) + "G";
+  if (a >= 1e6) return (v / 1e6).toFixed(2) + "M";
+  if (a >= 1e4) return (v / 1e3).toFixed(1) + "k";
+  return Number.isInteger(v) ? String(v) : v.toPrecision(4);
+}
+function fmtBytes(v) {
+  if (v == null) return "–";
+  const units = ["B", "KiB", "MiB", "GiB", "TiB"];
+  let i = 0;
+  while (Math.abs(v) >= 1024 && i < units.length - 1) { v /= 1024; i++; }
+  return `${v.toFixed(i ? 1 : 0)} ${units[i]}`;
+}
+function clock(unixS) { return unixS == null ? "–" : new Date(unixS * 1000).toLocaleTimeString(); }
+function median(values) {
+  const s = [...values].sort((a, b) => a - b);
+  return s.length ? (s[(s.length - 1) >> 1] + s[s.length >> 1]) / 2 : NaN;
+}
+async function getJSON(url) {
+  const response = await fetch(url, {cache: "no-store"});
+  if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
+  return response.json();
+}
+function table(node, header, rows, empty) {
+  node.replaceChildren();
+  if (!rows.length) { node.append(el("tr", {}, el("td", {class: "empty"}, empty))); return; }
+  node.append(el("tr", {}, ...header.map(h => el("th", {}, h))));
+  for (const {cells, cls} of rows) node.append(el("tr", {class: cls || ""}, ...cells.map(c => el("td", {}, c))));
+}
+
+// ---- polling --------------------------------------------------------------
+function newRun(info) {
+  return {index: info.index, info, color: PALETTE[info.index % PALETTE.length], status: null, changed: true,
+    cursor: {metrics: {}, ranks: {}, alerts: {}, events: {}},
+    metrics: new Map(), ranks: new Map(), alerts: [], events: []};
+}
+
+function clearStream(run, name) {
+  if (name === "metrics" || name === "ranks") run[name] = new Map(); else run[name] = [];
+}
+
+function addRows(run, name, rows) {
+  if (name === "metrics") {
+    // A step logged twice (a val_loss line, a re-run after rollback) merges; the later value wins.
+    for (const r of rows) run.metrics.set(r.step, {...run.metrics.get(r.step), ...r});
+  } else if (name === "ranks") {
+    for (const r of rows) {
+      if (!run.ranks.has(r.step)) run.ranks.set(r.step, new Map());
+      run.ranks.get(r.step).set(r.rank, r);
+    }
+    const steps = [...run.ranks.keys()].sort((a, b) => a - b);
+    for (const s of steps.slice(0, Math.max(0, steps.length - RANK_WINDOW))) run.ranks.delete(s);
+  } else {
+    run[name].push(...rows);
+    run[name].splice(0, Math.max(0, run[name].length - KEEP_ROWS));
+  }
+}
+
+async function pollStream(run, name) {
+  const cursor = run.cursor[name];
+  for (let page = 0; page < 50; page++) { // bounded catch-up per poll
+    const since = cursor.since ?? (name === "ranks" ? RANK_ROWS_FIRST : 0);
+    const gen = cursor.gen == null ? "" : `&gen=${cursor.gen}`;
+    const got = await getJSON(`/api/runs/${run.index}/${name}?since=${since}${gen}`);
+    if (got.reset) clearStream(run, name);
+    cursor.gen = got.gen;
+    cursor.since = got.next;
+    if (got.rows.length || got.reset) { addRows(run, name, got.rows); run.changed = true; }
+    if (got.next >= got.total) return;
+  }
+}
+
+async function poll() {
+  const infos = await getJSON("/api/runs");
+  for (const info of infos) {
+    if (runs[info.index]) runs[info.index].info = info; else runs[info.index] = newRun(info);
+  }
+  await Promise.all(runs.map(async run => {
+    await Promise.all(Object.keys(run.cursor).map(name => pollStream(run, name)));
+    run.status = await getJSON(`/api/runs/${run.index}/status`);
+  }));
+}
+
+async function tick() {
+  try {
+    await poll();
+    document.getElementById("connection").textContent = "";
+  } catch (err) {
+    document.getElementById("connection").textContent = `server unreachable (${err.message}); retrying`;
+  }
+  render();
+  window.dashboard.ticks++;
+  setTimeout(tick, POLL_MS);
+}
+
+// ---- curves ---------------------------------------------------------------
+const charts = {};
+
+function seriesOf(spec) {
+  // One series per run and field, leaving out fields no run has logged (val_loss without validation).
+  const out = [];
+  for (const run of runs) {
+    for (const field of spec.fields) {
+      const rows = [...run.metrics.values()];
+      if (field !== spec.fields[0] && !rows.some(r => r[field] != null)) continue;
+      out.push({run, field, label: `${run.info.name} · ${field}`});
+    }
+  }
+  return out;
+}
+
+function chartData(series) {
+  const steps = new Set();
+  for (const run of runs) for (const s of run.metrics.keys()) steps.add(s);
+  const xs = [...steps].sort((a, b) => a - b);
+  return [xs, ...series.map(({run, field}) => xs.map(s => run.metrics.get(s)?.[field] ?? null))];
+}
+
+function makeChart(spec, series, data) {
+  const card = document.getElementById(`chart-${spec.id}`);
+  const plot = card.querySelector(".plot");
+  plot.replaceChildren();
+  const yValues = spec.bytes ? (u, vals) => vals.map(fmtBytes) : (u, vals) => vals.map(fmt);
+  const opts = {
+    width: Math.max(200, plot.clientWidth), height: 220, legend: {live: true},
+    scales: {x: {time: false}},
+    axes: [{label: "step", incrs: STEP_INCREMENTS}, {values: yValues, size: spec.bytes ? 80 : 64}],
+    series: [{label: "step"}, ...series.map(({run, field}) => ({
+      label: `${run.info.name} · ${field}`, stroke: run.color, width: 1.5, spanGaps: true,
+      dash: field === "val_loss" ? [6, 4] : undefined,
+      value: (u, v) => (spec.bytes ? fmtBytes(v) : fmt(v)),
+    }))],
+  };
+  return new uPlot(opts, data, plot);
+}
+
+function renderCharts() {
+  const container = document.getElementById("charts");
+  if (!container.children.length) {
+    for (const spec of CHARTS) {
+      container.append(el("div", {class: "card", id: `chart-${spec.id}`, "data-points": "0"},
+        el("h2", {}, spec.title), el("div", {class: "muted note"}), el("div", {class: "plot"})));
+    }
+    new ResizeObserver(() => {
+      for (const c of Object.values(charts)) c.plot.setSize({width: c.plot.root.parentNode.clientWidth, height: 220});
+    }).observe(container);
+  }
+  if (!runs.some(r => r.changed)) return;
+  for (const spec of CHARTS) {
+    const series = seriesOf(spec);
+    const data = chartData(series);
+    const signature = series.map(s => s.label).join("|");
+    if (!charts[spec.id] || charts[spec.id].signature !== signature) {
+      charts[spec.id]?.plot.destroy();
+      charts[spec.id] = {plot: makeChart(spec, series, data), signature};
+    } else {
+      charts[spec.id].plot.setData(data);
+    }
+    const card = document.getElementById(`chart-${spec.id}`);
+    const total = data.slice(1).reduce((n, ys) => n + ys.filter(y => y != null).length, 0);
+    card.dataset.points = total;
+    card.querySelector(".note").textContent = total === 0 && data[0].length ? (spec.empty || "no values logged") : "";
+  }
+}
+
+function points(chartId) {
+  // Non-null points each series of a chart holds, by series label (for tests and curious users).
+  const plot = charts[chartId]?.plot;
+  if (!plot) return {};
+  return Object.fromEntries(plot.series.slice(1).map((s, i) => [s.label, plot.data[i + 1].filter(y => y != null).length]));
+}
+
+// ---- per-rank panels --------------------------------------------------------
+function heatColor(ratio) {
+  // 1x the step's median: pale green; 2x and beyond: saturated red.
+  const t = Math.min(1, Math.max(0, ratio - 1));
+  return `hsl(${120 - 120 * t}, ${45 + 35 * t}%, ${82 - 32 * t}%)`;
+}
+
+function renderHeatmap(run) {
+  const canvas = document.getElementById("heatmap");
+  const steps = [...run.ranks.keys()].sort((a, b) => a - b);
+  const ranks = [...new Set(steps.flatMap(s => [...run.ranks.get(s).keys()]))].sort((a, b) => a - b);
+  const left = 56, bottom = 18, cellH = Math.max(3, Math.min(18, Math.floor(400 / Math.max(1, ranks.length))));
+  canvas.width = canvas.clientWidth || 800;
+  canvas.height = ranks.length * cellH + bottom;
+  const cellW = (canvas.width - left) / Math.max(1, steps.length);
+  const ctx = canvas.getContext("2d");
+  ctx.font = "11px system-ui";
+  ctx.fillStyle = "#444";
+  let cells = 0;
+  steps.forEach((step, col) => {
+    const byRank = run.ranks.get(step);
+    const mid = median([...byRank.values()].map(r => r.step_time_s).filter(t => t != null));
+    ranks.forEach((rank, row) => {
+      const t = byRank.get(rank)?.step_time_s;
+      ctx.fillStyle = t == null ? "#e5e7eb" : heatColor(t / mid);
+      ctx.fillRect(left + col * cellW, row * cellH, Math.max(1, cellW - 1), Math.max(1, cellH - 1));
+      if (t != null) cells++;
+    });
+  });
+  ctx.fillStyle = "#444";
+  if (cellH >= 10) ranks.forEach((rank, row) => ctx.fillText(`rank ${rank}`, 4, row * cellH + cellH - 4));
+  if (steps.length) {
+    ctx.fillText(`step ${steps[0]}`, left, canvas.height - 4);
+    const last = `step ${steps[steps.length - 1]}`;
+    ctx.fillText(last, canvas.width - ctx.measureText(last).width - 2, canvas.height - 4);
+  } else {
+    ctx.fillText("no per-rank rows (ranks.jsonl) yet", left, 14);
+  }
+  Object.assign(heat, {cells, steps, ranks, left, cellW, cellH, run});
+  document.getElementById("heat-steps").textContent = steps.length;
+}
+
+function describeCell(event) {
+  const canvas = event.target, box = canvas.getBoundingClientRect();
+  const x = (event.clientX - box.left) * canvas.width / box.width, y = (event.clientY - box.top) * canvas.height / box.height;
+  const step = heat.steps[Math.floor((x - heat.left) / heat.cellW)], rank = heat.ranks[Math.floor(y / heat.cellH)];
+  const row = heat.run?.ranks.get(step)?.get(rank);
+  if (x < heat.left || !row) return;
+  const mid = median([...heat.run.ranks.get(step).values()].map(r => r.step_time_s).filter(t => t != null));
+  const parts = PHASES.map(([key, name]) => `${name} ${fmt(row[key])} s`).join(", ");
+  document.getElementById("heat-info").textContent =
+    `rank ${rank}, step ${step}: ${fmt(row.step_time_s)} s (${(row.step_time_s / mid).toFixed(2)}x the median) — ${parts}`;
+}
+
+function renderBreakdown(run) {
+  const legend = document.getElementById("breakdown-legend");
+  if (!legend.children.length) {
+    legend.append(...PHASES.map(([, name, color]) => el("span", {}, el("span", {class: "swatch", style: `background:${color}`}), ` ${name}`)));
+  }
+  const byRank = new Map();
+  for (const rows of run.ranks.values()) {
+    for (const [rank, r] of rows) {
+      if (!byRank.has(rank)) byRank.set(rank, []);
+      byRank.get(rank).push(r);
+    }
+  }
+  const mean = (rows, key) => { const v = rows.map(r => r[key]).filter(x => x != null); return v.length ? v.reduce((a, b) => a + b, 0) / v.length : null; };
+  const lines = [...byRank.entries()].sort((a, b) => a[0] - b[0]).map(([rank, rows]) => {
+    const last = rows[rows.length - 1];
+    return {label: `rank ${rank}`, phases: PHASES.map(([key]) => mean(rows, key) ?? 0), total: mean(rows, "step_time_s"),
+      note: [`rss ${fmtBytes(last.rss_bytes)}`, last.mem_allocated_bytes != null ? `gpu ${fmtBytes(last.mem_allocated_bytes)} / ${fmtBytes(last.mem_reserved_bytes)}` : null,
+        last.cpu_util != null ? `cpu ${(100 * last.cpu_util).toFixed(0)}%` : null, last.gpu_util != null ? `gpu util ${fmt(last.gpu_util)}` : null].filter(Boolean).join(" · ")};
+  });
+  const longest = Math.max(...lines.map(l => Math.max(l.total ?? 0, l.phases.reduce((a, b) => a + b, 0))), 1e-12);
+  const node = document.getElementById("breakdown");
+  node.replaceChildren();
+  if (!lines.length) { node.append(el("div", {class: "empty"}, "no per-rank rows (ranks.jsonl) yet")); return; }
+  for (const line of lines) {
+    const bar = el("div", {class: "bar"}, ...line.phases.map((v, i) => el("span", {
+      style: `width:${(100 * v / longest).toFixed(2)}%;background:${PHASES[i][2]}`, title: `${PHASES[i][1]} ${fmt(v)} s`})));
+    node.append(el("div", {class: "bar-row"}, el("span", {class: "label"}, line.label), bar,
+      el("span", {class: "note"}, `${fmt(line.total)} s · ${line.note}`)));
+  }
+}
+
+// ---- tables ---------------------------------------------------------------
+function renderFiring() {
+  // The last state of each alert name, over every run: what is firing now.
+  const node = document.getElementById("firing");
+  node.replaceChildren();
+  for (const run of runs) {
+    const last = new Map();
+    for (const a of run.alerts) last.set(a.name, a);
+    for (const a of last.values()) {
+      if (a.state === "firing") node.append(el("div", {class: a.severity}, `${run.info.name}: ${a.name} (${a.severity}) since step ${a.step} — ${a.message}`));
+    }
+  }
+}
+
+function renderTables(run) {
+  table(document.getElementById("alerts"), ["time", "step", "severity", "name", "state", "message"],
+    [...run.alerts].reverse().slice(0, 200).map(a => ({cls: `${a.state} ${a.severity}`,
+      cells: [clock(a.time), a.step, a.severity, a.name, a.state, `${a.message ?? ""}${a.value != null ? ` (value ${fmt(a.value)})` : ""}`]})),
+    "no alerts");
+  table(document.getElementById("events"), ["time", "step", "kind", "rank", "detail"],
+    [...run.events].reverse().slice(0, 200).map(e => ({cells: [clock(e.time), e.step, e.kind, e.rank, e.detail]})), "no events");
+  const status = run.status || {};
+  table(document.getElementById("checkpoints"), ["step", "valid", "size", "saved"],
+    [...(status.checkpoints || [])].reverse().map(c => ({cls: c.valid || c.checking ? "" : "invalid",
+      cells: [c.step, c.checking ? "checking…" : c.valid ? "valid" : `invalid: ${c.problem}`, fmtBytes(c.bytes), clock(c.time)]})),
+    "no checkpoints");
+  const summary = status.summary;
+  table(document.getElementById("summary"), ["key", "value"], summary ? Object.entries(summary)
+    .filter(([, v]) => !Array.isArray(v) || v.length)
+    .map(([k, v]) => ({cells: [k, typeof v === "object" && v !== null ? JSON.stringify(v).slice(0, 160) : fmt(v)]}))
+    : [], "no summary yet (written when the run ends)");
+  renderHang(status.hang_report);
+}
+
+function renderHang(report) {
+  const box = document.getElementById("hang");
+  box.hidden = !report;
+  if (!report) return;
+  const lines = [`trigger: ${report.trigger}`, `suspect rank(s): ${(report.suspect_ranks || []).join(", ") || "none identified"}`,
+    `likely cause: ${report.likely_cause}`,
+    ...(report.ranks || []).map(r => `  rank ${r.rank}: step ${r.step} phase ${r.phase} collectives ${r.collectives}` +
+      ` ${r.in_collective ? `in ${r.in_collective} ` : ""}at ${r.at || "no dump (unreachable)"}`)];
+  document.getElementById("hang-body").replaceChildren(el("pre", {}, lines.join("\n")));
+}
+
+function renderRuns() {
+  const header = document.getElementById("runs"), select = document.getElementById("focus");
+  header.replaceChildren(...runs.map(run => {
+    const steps = [...run.metrics.keys()];
+    const skipped = [...run.metrics.values()].filter(r => r.skipped).length;
+    return el("span", {class: "run-tag", title: run.info.path}, el("span", {class: "swatch", style: `background:${run.color}`}),
+      run.info.name, el("span", {class: `state ${run.info.state.split(" ")[0]}`}, run.info.state),
+      steps.length ? `step ${Math.max(...steps)}` : "no steps yet", skipped ? ` · ${skipped} skipped` : "");
+  }));
+  if (select.options.length !== runs.length) {
+    select.replaceChildren(...runs.map(run => el("option", {value: run.index}, run.info.name)));
+    select.value = focus;
+  }
+}
+
+function render() {
+  renderRuns();
+  renderCharts();
+  renderFiring();
+  const run = runs[focus];
+  if (run) {
+    document.getElementById("focus-state").textContent = `${run.info.path} · ${run.info.state}`;
+    renderHeatmap(run);
+    renderBreakdown(run);
+    renderTables(run);
+  }
+  for (const r of runs) r.changed = false;
+}
+
+window.dashboard = {runs, ticks: 0, points, heatmapCells: () => heat.cells};
+document.getElementById("focus").addEventListener("change", e => { focus = Number(e.target.value); render(); });
+document.getElementById("heatmap").addEventListener("mousemove", describeCell);
+tick();
