@@ -160,6 +160,19 @@ app.command("serve")(serve)
 
 
 @app.command()
+def dashboard(
+    run_dirs: Optional[List[Path]] = typer.Argument(None, help="Run directories, or folders of them like runs/ "
+                                                    "(default: ./runs)."),
+    port: int = typer.Option(8050, "--port", help="Port to listen on (0 picks a free one)."),
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 to accept remote browsers)."),
+) -> None:
+    """Live curves, per-rank step times, alerts and checkpoints of one or more runs, in the browser."""
+    from scaletrain.observe.dashboard import serve as run
+
+    raise typer.Exit(run(list(run_dirs or []), host, port))
+
+
+@app.command()
 def plan(
     model: Optional[str] = typer.Option(None, "--model", "-m", help="Preset (7b, 70b, ...), a scaletrain .toml "
                                         "config or a HF config.json (default: --config's model)."),
