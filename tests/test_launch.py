@@ -37,20 +37,25 @@ def fake_tools(bin_dir, hostnames: str, srun_exit: int, summary: str | None):
         (bin_dir / tool).chmod(0o755)
 
 
-def run_script(tmp_path, script, nodes=1, job_id="4242"):
-    """The script under bash with PATH = the stand-ins plus the few tools it uses (no real Slurm)."""
+def script_command(tmp_path, script, nodes=1, job_id="4242"):
+    """bash running the script with PATH = the stand-ins plus the few tools it uses (no real Slurm)."""
     path = tmp_path / "job.sbatch"
     path.write_text(script)
     (tmp_path / "run").mkdir(exist_ok=True)
     tools = tmp_path / "tools"
     if not tools.exists():
         tools.mkdir()
-        for tool in ("mkdir", "head", "awk", "getent", "date", "cat"):
+        for tool in ("mkdir", "head", "awk", "getent", "date", "cat", "touch", "sleep"):
             (tools / tool).symlink_to(shutil.which(tool))
     env = {"PATH": f"{tmp_path / 'bin'}:{tools}", "HOME": str(tmp_path),
            "SLURM_JOB_ID": job_id, "SLURM_JOB_NODELIST": "node[1-2]", "SLURM_JOB_NUM_NODES": str(nodes),
            "RUN_DIR": str(tmp_path / "run")}
-    return subprocess.run([shutil.which("bash"), str(path)], env=env, capture_output=True, text=True, timeout=60)
+    return [shutil.which("bash"), str(path)], env
+
+
+def run_script(tmp_path, script, nodes=1, job_id="4242"):
+    cmd, env = script_command(tmp_path, script, nodes, job_id)
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=60)
 
 
 def test_slurm_script_starts_one_torchrun_per_node_on_the_head_node(tmp_path):
@@ -213,3 +218,48 @@ def test_kubectl_client_dry_run(tmp_path):
                           timeout=60, env={**os.environ})
     assert proc.returncode == 0, proc.stderr
     assert "jobset.jobset.x-k8s.io/scaletrain-debug created (dry run)" in proc.stdout
+
+
+def _signal_tools(bin_dir):
+    """srun that runs until scancel (or the test) drops a stop file, then leaves a stopped-early
+    summary and exits 1 as torchrun does after SIGTERM; scancel/scontrol that record their calls."""
+    bin_dir.mkdir()
+    (bin_dir / "srun").write_text('#!/bin/bash\ntouch "$RUN_DIR/srun.started"\n'
+                                  'while [ ! -f "$RUN_DIR/stop" ]; do sleep 0.05; done\n'
+                                  "printf '{\"stopped_early\": true}' > \"$RUN_DIR/summary.json\"\nexit 1\n")
+    (bin_dir / "scancel").write_text('#!/bin/bash\necho "scancel $*" >> "$RUN_DIR/calls"\ntouch "$RUN_DIR/stop"\n')
+    (bin_dir / "scontrol").write_text('#!/bin/bash\nif [ "$1" = show ]; then echo localhost; '
+                                      'else echo "scontrol $*" >> "$RUN_DIR/calls"; fi\n')
+    for tool in ("srun", "scancel", "scontrol"):
+        (bin_dir / tool).chmod(0o755)
+
+
+@pytest.mark.parametrize("signal_name", ["SIGUSR1", "SIGTERM"])
+def test_slurm_script_time_limit_and_preemption(tmp_path, signal_name):
+    """USR1 (Slurm's warning before --time runs out): stop the workers with
+    SIGTERM, then requeue. SIGTERM to the batch shell (preemption): wait for
+    the workers to save; Slurm requeues the job itself."""
+    import signal
+    import time
+
+    script = slurm_script(tmp_path, "--gpus-per-node", "0", "--time", "1:00:00", *BATCH)
+    _signal_tools(tmp_path / "bin")
+    run = tmp_path / "run"
+    cmd, env = script_command(tmp_path, script, job_id="77")
+    proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 30
+    while not (run / "srun.started").exists():
+        assert time.monotonic() < deadline, "srun never started"
+        time.sleep(0.05)
+    proc.send_signal(getattr(signal, signal_name))
+    if signal_name == "SIGTERM":
+        time.sleep(0.5)
+        assert proc.poll() is None  # still waiting for the workers
+        (run / "stop").touch()  # Slurm's SIGTERM reaches the workers, which save and stop
+    out, err = proc.communicate(timeout=30)
+    assert proc.returncode == 0, err
+    calls = (run / "calls").read_text().splitlines() if (run / "calls").exists() else []
+    if signal_name == "SIGUSR1":
+        assert calls == ["scancel --signal=TERM 77", "scontrol requeue 77"]
+    else:
+        assert calls == [] and "waiting for the workers to checkpoint" in out
