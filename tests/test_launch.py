@@ -3,23 +3,39 @@ script run by bash against stand-in scontrol/srun, and the JobSet manifest
 checked with the Kubernetes client's own models (and kubectl where a server
 answers). The real Slurm run is in test_slurm.py."""
 
+import contextlib
+import io
 import json
 import os
 import shutil
 import subprocess
 import tomllib
+from types import SimpleNamespace
 
 import pytest
 import yaml
 from harness import REPO, run_cli
 
+from scaletrain.cli import main
 from scaletrain.config import load_config
+
+
+def cli(args):
+    """``scaletrain ARGS`` in this process (the launchers only write files): exit code, stdout, stderr."""
+    out, err = io.StringIO(), io.StringIO()
+    with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
+        try:
+            main(args)
+            code = 0
+        except SystemExit as exc:
+            code = exc.code or 0
+    return SimpleNamespace(returncode=code, stdout=out.getvalue(), stderr=err.getvalue())
 
 BATCH = ["--set", "training.global_batch_size=16", "--set", "training.micro_batch_size=4"]
 
 
-def slurm_script(tmp_path, *args):
-    proc = run_cli(["launch", "slurm", "--config", str(REPO / "configs" / "debug.toml"), "--run-dir",
+def slurm_script(tmp_path, *args, run=cli):
+    proc = run(["launch", "slurm", "--config", str(REPO / "configs" / "debug.toml"), "--run-dir",
                     str(tmp_path / "run"), "--dry-run", *args], timeout=60)
     assert proc.returncode == 0, proc.stderr
     return proc.stdout
@@ -60,7 +76,7 @@ def run_script(tmp_path, script, nodes=1, job_id="4242"):
 
 def test_slurm_script_starts_one_torchrun_per_node_on_the_head_node(tmp_path):
     script = slurm_script(tmp_path, "--nodes", "1", "--gpus-per-node", "0", "--nproc-per-node", "2",
-                          "--time", "2:00:00", "--partition", "batch", *BATCH)
+                          "--time", "2:00:00", "--partition", "batch", *BATCH, run=run_cli)  # the real command
     for line in ("#SBATCH --nodes=1", "#SBATCH --ntasks-per-node=1", "#SBATCH --requeue", "#SBATCH --time=2:00:00",
                  "#SBATCH --partition=batch", "#SBATCH --signal=B:USR1@300",
                  f"#SBATCH --output={tmp_path / 'run-slurm'}/logs/slurm-%j.out"):
@@ -128,7 +144,7 @@ def test_slurm_placement_pins_nodes_and_gpus(tmp_path):
 ])
 def test_launch_bad_input_writes_nothing(tmp_path, args, needle):
     for command in (["slurm", "--run-dir", str(tmp_path / "run")], ["k8s", "--image", "x", "-o", str(tmp_path / "m")]):
-        proc = run_cli(["launch", *command, "--config", str(REPO / "configs" / "debug.toml"), *args], timeout=60)
+        proc = cli(["launch", *command, "--config", str(REPO / "configs" / "debug.toml"), *args])
         lines = proc.stderr.strip().splitlines()
         assert proc.returncode == 2 and len(lines) == 1 and lines[0].startswith("error: "), proc.stderr
         assert needle in lines[0], lines[0]
@@ -139,7 +155,7 @@ def test_launch_bad_input_writes_nothing(tmp_path, args, needle):
 
 def manifest(tmp_path, *args):
     out = tmp_path / "jobset.yaml"
-    proc = run_cli(["launch", "k8s", "--config", str(REPO / "configs" / "debug.toml"), "--image",
+    proc = cli(["launch", "k8s", "--config", str(REPO / "configs" / "debug.toml"), "--image",
                     "registry.example/scaletrain:1", "-o", str(out), *args], timeout=60)
     assert proc.returncode == 0, proc.stderr
     return out, list(yaml.safe_load_all(out.read_text()))
@@ -196,7 +212,7 @@ def test_k8s_placement_pins_hosts(tmp_path):
     assert term["matchExpressions"][0]["values"] == ["g1", "g2"]
     assert {"name": "runs", "persistentVolumeClaim": {"claimName": "shared"}} in pod["volumes"]
     placement.write_text(json.dumps({"hosts": ["g1", "g2"], "gpus": {"g1": [0, 1], "g2": [0]}}))
-    proc = run_cli(["launch", "k8s", "--config", str(REPO / "configs" / "debug.toml"), "--image", "x",
+    proc = cli(["launch", "k8s", "--config", str(REPO / "configs" / "debug.toml"), "--image", "x",
                     "--gpus-per-node", "2", "--placement", str(placement), "--set", "training.global_batch_size=12",
                     "--set", "training.micro_batch_size=4"], timeout=60)
     assert proc.returncode == 2 and "different GPU counts" in proc.stderr
