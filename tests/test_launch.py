@@ -20,8 +20,9 @@ from scaletrain.cli import main
 from scaletrain.config import load_config
 
 
-def cli(args):
-    """``scaletrain ARGS`` in this process (the launchers only write files): exit code, stdout, stderr."""
+def cli(args, timeout=None):
+    """``scaletrain ARGS`` in this process (the launchers only write files): exit code, stdout, stderr.
+    Called like harness.run_cli (``timeout`` is unused: nothing here waits)."""
     out, err = io.StringIO(), io.StringIO()
     with contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
