@@ -264,16 +264,22 @@ def test_slurm_script_time_limit_and_preemption(tmp_path, signal_name):
     run = tmp_path / "run"
     cmd, env = script_command(tmp_path, script, job_id="77")
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    deadline = time.monotonic() + 30
-    while not (run / "srun.started").exists():
-        assert time.monotonic() < deadline, "srun never started"
-        time.sleep(0.05)
-    proc.send_signal(getattr(signal, signal_name))
-    if signal_name == "SIGTERM":
-        time.sleep(0.5)
-        assert proc.poll() is None  # still waiting for the workers
-        (run / "stop").touch()  # Slurm's SIGTERM reaches the workers, which save and stop
-    out, err = proc.communicate(timeout=30)
+    try:
+        deadline = time.monotonic() + 30
+        while not (run / "srun.started").exists():
+            assert time.monotonic() < deadline, "srun never started"
+            time.sleep(0.05)
+        proc.send_signal(getattr(signal, signal_name))
+        if signal_name == "SIGTERM":
+            time.sleep(0.5)
+            assert proc.poll() is None  # still waiting for the workers
+            (run / "stop").touch()  # Slurm's SIGTERM reaches the workers, which save and stop
+        out, err = proc.communicate(timeout=30)
+    finally:
+        (run / "stop").touch()  # lets the stand-in srun end whatever happened
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(timeout=10)
     assert proc.returncode == 0, err
     calls = (run / "calls").read_text().splitlines() if (run / "calls").exists() else []
     if signal_name == "SIGUSR1":
