@@ -9,7 +9,9 @@ import json
 import os
 import shutil
 import subprocess
+import threading
 import tomllib
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from types import SimpleNamespace
 
 import pytest
@@ -219,22 +221,69 @@ def test_k8s_placement_pins_hosts(tmp_path):
     assert proc.returncode == 2 and "different GPU counts" in proc.stderr
 
 
-def _kubectl_server() -> bool:
-    if shutil.which("kubectl") is None:
-        return False
-    proc = subprocess.run(["kubectl", "version", "--request-timeout=5s", "-o", "json"], capture_output=True,
-                          text=True, timeout=30)
-    return proc.returncode == 0 and "serverVersion" in proc.stdout
+def _resources(group_version, *kinds):
+    return {"kind": "APIResourceList", "apiVersion": "v1", "groupVersion": group_version,
+            "resources": [{"name": plural, "singularName": "", "namespaced": True, "kind": kind,
+                           "verbs": ["create", "get", "list", "patch", "update", "delete"]} for plural, kind in kinds]}
 
 
-@pytest.mark.skipif(not _kubectl_server(), reason="kubectl with a reachable API server needed: even "
-                    "`apply --dry-run=client` asks the server which kinds exist")
+class _Discovery(BaseHTTPRequestHandler):
+    """What kubectl asks an API server before a client-side dry run: the
+    versions and kinds it serves (here: core v1 and the JobSet CRD), then each
+    object, which does not exist yet (404)."""
+
+    ROUTES = {
+        "/version": {"major": "1", "minor": "32", "gitVersion": "v1.32.0"},
+        "/api": {"kind": "APIVersions", "versions": ["v1"],
+                 "serverAddressByClientCIDRs": [{"clientCIDR": "0.0.0.0/0", "serverAddress": "127.0.0.1"}]},
+        "/api/v1": _resources("v1", ("services", "Service"), ("configmaps", "ConfigMap"),
+                              ("persistentvolumeclaims", "PersistentVolumeClaim")),
+        "/apis": {"kind": "APIGroupList", "apiVersion": "v1", "groups": [{
+            "name": "jobset.x-k8s.io", "versions": [{"groupVersion": "jobset.x-k8s.io/v1alpha2", "version": "v1alpha2"}],
+            "preferredVersion": {"groupVersion": "jobset.x-k8s.io/v1alpha2", "version": "v1alpha2"}}]},
+        "/apis/jobset.x-k8s.io/v1alpha2": _resources("jobset.x-k8s.io/v1alpha2", ("jobsets", "JobSet")),
+    }
+
+    def do_GET(self):
+        body = self.ROUTES.get(self.path.split("?")[0])
+        code = 200 if body else 404
+        body = body or {"kind": "Status", "apiVersion": "v1", "status": "Failure", "reason": "NotFound", "code": 404}
+        data = json.dumps(body).encode()
+        self.send_response(code)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(data)))
+        self.end_headers()
+        self.wfile.write(data)
+
+    def log_message(self, *args):
+        pass
+
+
+@pytest.mark.skipif(shutil.which("kubectl") is None, reason="kubectl not installed")
 def test_kubectl_client_dry_run(tmp_path):
-    out, _ = manifest(tmp_path, "--gpus-per-node", "0")
-    proc = subprocess.run(["kubectl", "apply", "--dry-run=client", "-f", str(out)], capture_output=True, text=True,
-                          timeout=60, env={**os.environ})
-    assert proc.returncode == 0, proc.stderr
-    assert "jobset.jobset.x-k8s.io/scaletrain-debug created (dry run)" in proc.stdout
+    out, docs = manifest(tmp_path, "--gpus-per-node", "0")
+    server = ThreadingHTTPServer(("127.0.0.1", 0), _Discovery)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        def kubectl_apply(path):
+            return subprocess.run(["kubectl", "apply", "--dry-run=client", "--validate=false", "-s",
+                                   f"http://127.0.0.1:{server.server_address[1]}", "-f", str(path)],
+                                  capture_output=True, text=True, timeout=60,
+                                  env={"HOME": str(tmp_path), "PATH": os.environ["PATH"]})
+
+        proc = kubectl_apply(out)
+        assert proc.returncode == 0, proc.stderr
+        assert proc.stdout.splitlines() == [
+            "service/scaletrain-debug created (dry run)", "configmap/scaletrain-debug-config created (dry run)",
+            "persistentvolumeclaim/scaletrain-debug-runs created (dry run)",
+            "jobset.jobset.x-k8s.io/scaletrain-debug created (dry run)"]
+        docs[-1]["apiVersion"] = "jobset.x-k8s.io/v1"  # a version the cluster does not serve
+        broken = tmp_path / "broken.yaml"
+        broken.write_text(yaml.safe_dump_all(docs))
+        proc = kubectl_apply(broken)
+        assert proc.returncode != 0 and "JobSet" in proc.stderr
+    finally:
+        server.shutdown()
 
 
 def _signal_tools(bin_dir):
