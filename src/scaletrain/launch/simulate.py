@@ -72,14 +72,18 @@ def simulate(nodes: list[Node], jobs: list[Job], policy: str) -> SimResult:
             ticket += 1
             heapq.heappush(finishing, (now + job.duration_s, ticket, placed))
         queue = still_waiting
-    makespan = now - start
+    window = last_arrival - start
+    return _result(policy, waits, sizes, used_area / (cluster.total * window) if window else 0.0,
+                   frag_area, cross / multi_node if multi_node else 0.0, now - start, len(queue))
+
+
+def _result(policy: str, waits: dict[str, float], sizes: dict[str, int], utilisation: float, frag_area: float,
+            cross_rack: float, makespan: float, never_ran: int) -> SimResult:
     large = [w for name, w in waits.items() if sizes[name] >= 16]
     ordered = sorted(waits.values())
-    window = last_arrival - start
-    return SimResult(policy=policy, utilisation=used_area / (cluster.total * window) if window else 0.0,
+    return SimResult(policy=policy, utilisation=utilisation,
                      mean_wait=statistics.fmean(ordered) if ordered else 0.0,
                      p95_wait=ordered[int(0.95 * (len(ordered) - 1))] if ordered else 0.0,
                      mean_wait_large=statistics.fmean(large) if large else 0.0,
                      fragmentation=frag_area / makespan if makespan else 0.0,
-                     cross_rack=cross / multi_node if multi_node else 0.0,
-                     makespan=makespan, never_ran=len(queue))
+                     cross_rack=cross_rack, makespan=makespan, never_ran=never_ran)
