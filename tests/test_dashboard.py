@@ -230,7 +230,8 @@ def test_page_shows_the_runs_and_a_new_step_without_a_reload(runs):
             assert page.locator("#hang").is_hidden()
 
             # Half a line first: nothing changes, nothing breaks; the finished line appears.
-            step5 = {**metric_rows(a)[-1], "step": 5}
+            step5 = {**metric_rows(a)[-1], "step": 5, "val_loss": 5.0,
+                     "stragglers": [{"rank": SLOW_RANK, "forward_s": 0.3, "ratio": 2.0}]}
             text = json.dumps(step5) + "\n"
             with (a / "metrics.jsonl").open("a") as fh:
                 fh.write(text[:20])
@@ -242,6 +243,8 @@ def test_page_shows_the_runs_and_a_new_step_without_a_reload(runs):
             write_jsonl(a / "ranks.jsonl", rank_rows(5), mode="a")
             page.wait_for_function("window.dashboard.points('loss')['A · loss'] === 5")
             page.wait_for_function(f"window.dashboard.heatmapCells() === {RANKS * 5}")
+            assert page.evaluate("window.dashboard.points('loss')") == {"A · loss": 5, "A · val_loss": 1, "B · loss": 3}
+            assert f"step 5: rank {SLOW_RANK} (2x)" in page.locator("#stragglers").inner_text()
 
             page.select_option("#focus", "1")
             assert page.locator("#hang").is_visible()

@@ -73,17 +73,21 @@ function table(node, header, rows, empty) {
 function newRun(info) {
   return {index: info.index, info, color: PALETTE[info.index % PALETTE.length], status: null, changed: true,
     cursor: {metrics: {}, ranks: {}, alerts: {}, events: {}},
-    metrics: new Map(), ranks: new Map(), alerts: [], events: []};
+    metrics: new Map(), fields: new Set(), ranks: new Map(), alerts: [], events: []};
 }
 
 function clearStream(run, name) {
-  if (name === "metrics" || name === "ranks") run[name] = new Map(); else run[name] = [];
+  if (name === "metrics") run.fields = new Set();
+  run[name] = name === "metrics" || name === "ranks" ? new Map() : [];
 }
 
 function addRows(run, name, rows) {
   if (name === "metrics") {
     // A step logged twice (a val_loss line, a re-run after rollback) merges; the later value wins.
-    for (const r of rows) run.metrics.set(r.step, {...run.metrics.get(r.step), ...r});
+    for (const r of rows) {
+      run.metrics.set(r.step, {...run.metrics.get(r.step), ...r});
+      for (const [k, v] of Object.entries(r)) if (v != null) run.fields.add(k);
+    }
   } else if (name === "ranks") {
     for (const r of rows) {
       if (!run.ranks.has(r.step)) run.ranks.set(r.step, new Map());
@@ -142,18 +146,21 @@ function seriesOf(spec) {
   const out = [];
   for (const run of runs) {
     for (const field of spec.fields) {
-      const rows = [...run.metrics.values()];
-      if (field !== spec.fields[0] && !rows.some(r => r[field] != null)) continue;
+      if (field !== spec.fields[0] && !run.fields.has(field)) continue;
       out.push({run, field, label: `${run.info.name} · ${field}`});
     }
   }
   return out;
 }
 
-function chartData(series) {
+function allSteps() {
+  // uPlot wants one x array for all series: the union of every run's steps, nulls where a run has none.
   const steps = new Set();
   for (const run of runs) for (const s of run.metrics.keys()) steps.add(s);
-  const xs = [...steps].sort((a, b) => a - b);
+  return [...steps].sort((a, b) => a - b);
+}
+
+function chartData(series, xs) {
   return [xs, ...series.map(({run, field}) => xs.map(s => run.metrics.get(s)?.[field] ?? null))];
 }
 
@@ -187,9 +194,10 @@ function renderCharts() {
     }).observe(container);
   }
   if (!runs.some(r => r.changed)) return;
+  const xs = allSteps();
   for (const spec of CHARTS) {
     const series = seriesOf(spec);
-    const data = chartData(series);
+    const data = chartData(series, xs);
     const signature = series.map(s => s.label).join("|");
     if (!charts[spec.id] || charts[spec.id].signature !== signature) {
       charts[spec.id]?.plot.destroy();
@@ -251,6 +259,14 @@ function renderHeatmap(run) {
   }
   Object.assign(heat, {cells, steps, ranks, left, cellW, cellH, run});
   document.getElementById("heat-steps").textContent = steps.length;
+  renderStragglers(run);
+}
+
+function renderStragglers(run) {
+  // The trainer's own verdict (metrics' "stragglers": rank, ratio), last few logged steps that had one.
+  const flagged = [...run.metrics.values()].filter(r => r.stragglers?.length).slice(-5).map(r =>
+    `step ${r.step}: ` + r.stragglers.map(s => (typeof s === "object" && s ? `rank ${s.rank}${s.ratio ? ` (${fmt(s.ratio)}x)` : ""}` : `rank ${s}`)).join(", "));
+  document.getElementById("stragglers").textContent = flagged.length ? `stragglers flagged by the trainer — ${flagged.join("; ")}` : "";
 }
 
 function describeCell(event) {
