@@ -13,12 +13,13 @@ PUBLIC_KEYS = {
     "data": ["source", "format", "text_field", "tokenizer", "bpe_vocab_size", "seq_len", "cache_dir"],
     "training": ["steps", "global_batch_size", "micro_batch_size", "lr", "warmup_steps", "min_lr",
                  "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype", "activation_checkpointing",
-                 "compile"],
+                 "compile", "on_nonfinite", "max_bad_steps", "spike_zscore", "spike_window"],
     "parallel": ["dp_replicate", "dp_shard", "tp", "pp", "zero_stage", "sequence_parallel", "pp_schedule",
                  "pp_microbatches", "pp_virtual_stages", "cpu_offload", "ddp_bucket_cap_mb"],
     "checkpoint": ["enable", "dir", "interval", "keep_last", "async", "resume", "init_from", "on_error"],
     "debug": ["stop_at_step", "measure_step", "hang_timeout", "inject_fault", "straggler_factor"],
-    "logging": ["interval", "sample_tokens"],
+    "logging": ["interval", "sample_tokens", "tensorboard", "wandb", "prometheus_port", "prometheus_host",
+                "alert_webhook"],
 }
 
 

@@ -235,8 +235,9 @@ def test_nan_loss_is_reported_and_never_crashes(tmp_path, debug_config):
     proc = run_cli(train_args(debug_config, run_dir, "--set", "training.steps=4", "--set",
                               "debug.inject_fault=nan:0:2", "--set", "logging.sample_tokens=8"), timeout=120)
     assert proc.returncode == 0, proc.stderr
-    assert "warning: step 2: loss nan" in proc.stderr and "no text sampled" in proc.stderr
-    assert json.loads((run_dir / "summary.json").read_text())["nonfinite_steps"] == [2, 3, 4]
+    assert "warning: step 2: loss nan" in proc.stderr
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["nonfinite_steps"] == [2] and summary["skipped_steps"] == [2] and len(summary["samples"]) == 3
 
 
 @pytest.fixture
@@ -265,10 +266,12 @@ def test_full_disk_stops_with_one_line_or_continues(full_disk, debug_config):
                               "--set", "model.name=tiny", "--set", "checkpoint.on_error=continue",
                               "--set", "checkpoint.async=true"), timeout=120)
     assert "training continues without this checkpoint" in proc.stderr
-    assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]
-    assert not list((run_dir / "checkpoints").glob(".tmp-*"))
-    if proc.returncode:  # the disk may be too full for the final outputs: that is one line and exit 1
-        assert proc.returncode == 1 and "failed at step 6 (writing outputs)" in proc.stderr, proc.stderr
+    assert metric_steps(run_dir)[:5] == [1, 2, 3, 4, 5]  # trained on past the failed saves
+    if proc.returncode:  # the disk may be too full for the last records or outputs: one line and exit 1
+        assert proc.returncode == 1 and "error: rank 0 failed at step 6" in proc.stderr, proc.stderr
+    else:
+        assert metric_steps(run_dir) == [1, 2, 3, 4, 5, 6]
+        assert not list((run_dir / "checkpoints").glob(".tmp-*"))
 
 
 def test_one_job_per_run_dir_signals_and_a_killed_launcher(tmp_path, debug_config):

@@ -236,6 +236,18 @@ def bench_comm(
     raise typer.Exit(run(nproc, ops, min_bytes, max_bytes, iters, as_json, out))
 
 
+runs_app = typer.Typer(no_args_is_help=True, help="Look at runs.")
+app.add_typer(runs_app, name="runs")
+
+
+@runs_app.command("show")
+def runs_show(run_dir: Path) -> None:
+    """A run's summary, time breakdown per rank, events (restarts, hangs, skipped steps, failed saves) and alerts."""
+    from scaletrain.observe.runs import show_run
+
+    show_run(run_dir)
+
+
 def main(argv: list[str] | None = None) -> None:
     command = typer.main.get_command(app)
     try:

@@ -91,6 +91,15 @@ class TrainingConfig:
     dtype: str = _f("fp32", "compute dtype (autocast); parameters and optimizer stay fp32", ("fp32", "bf16", "fp16"))
     activation_checkpointing: str = _f("none", "recompute activations in backward", ("none", "full", "selective"))
     compile: bool = _f(False, "torch.compile each transformer block")
+    on_nonfinite: str = _f("skip", "a step whose loss or gradient norm is NaN/inf (or a loss spike): 'skip' its "
+                                   "update on every rank (stop after max_bad_steps in a row), 'rollback' to the "
+                                   "last checkpoint after max_bad_steps in a row, or 'stop'",
+                           ("skip", "rollback", "stop"))
+    max_bad_steps: int = _f(3, "consecutive skipped steps before on_nonfinite stops or rolls back", minimum=1)
+    spike_zscore: float = _f(0.0, "a loss more than this many standard deviations above the mean of the last "
+                                  "spike_window steps is a spike, handled as on_nonfinite says; 0 = off",
+                             minimum=0.0)
+    spike_window: int = _f(50, "steps of loss history for spike detection", minimum=2)
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
@@ -153,6 +162,13 @@ class DebugConfig:
 class LoggingConfig:
     interval: int = _f(1, "log metrics every N steps", minimum=1)
     sample_tokens: int = _f(160, "tokens of text to sample from the trained model at the end; 0 = none", minimum=0)
+    tensorboard: bool = _f(False, "write TensorBoard event files to <run dir>/tensorboard (pip install tensorboard)")
+    wandb: bool = _f(False, "log to Weights & Biases in offline mode under <run dir>/wandb (pip install wandb)")
+    prometheus_port: int = _f(-1, "serve Prometheus metrics from rank 0 on this port; 0 = a free port, -1 = off",
+                              minimum=-1)
+    prometheus_host: str = _f("127.0.0.1", "address the Prometheus endpoint binds")
+    alert_webhook: str = _f("", "POST alert events (firing/resolved, Slack-compatible JSON) to this URL; "
+                                "empty = none")
 
 
 @dataclass
@@ -164,17 +180,23 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    # [[alerts]] tables: name, expr, severity, ... (scaletrain.observe.alerts)
+    alerts: list = field(default_factory=list)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Sections of {config key: value}, as written in TOML."""
-        return {section: {_KEY_FOR_FIELD.get(k, k): v for k, v in values.items()}
-                for section, values in dataclasses.asdict(self).items()}
+        return {section: {_KEY_FOR_FIELD.get(k, k): v for k, v in dataclasses.asdict(getattr(self, section)).items()}
+                for section in _sections()}
 
     def to_toml(self) -> str:
         lines = []
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
             lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines.append("")
+        for rule in self.alerts:
+            lines.append("[[alerts]]")
+            lines += [f"{key} = {_toml_value(value)}" for key, value in rule.items()]
             lines.append("")
         return "\n".join(lines)
 
@@ -194,7 +216,7 @@ def _toml_value(value: Any) -> str:
 
 
 def _sections() -> dict[str, type]:
-    return {f.name: f.default_factory for f in fields(Config)}  # type: ignore[misc]
+    return {f.name: f.default_factory for f in fields(Config) if f.name != "alerts"}  # type: ignore[misc]
 
 
 def _did_you_mean(name: str, options) -> str:
@@ -273,6 +295,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
             raw = tomllib.loads(path.read_text())
         except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
             raise UserError(f"{path}: malformed TOML: {exc}") from None
+    alerts = raw.pop("alerts", [])
+    if not isinstance(alerts, list) or not all(isinstance(rule, dict) for rule in alerts):
+        raise UserError(f"{path}: 'alerts' must be a list of [[alerts]] tables")
     for section, values in raw.items():
         if not isinstance(values, dict):
             raise UserError(f"{path}: '{section}' must be a [section] table")
@@ -290,7 +315,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw["model"] = {**MODEL_PRESETS[name], **model_raw, "name": name}
 
     cfg = Config(**{section: cls(**{_FIELD_FOR_KEY.get(k, k): v for k, v in raw.get(section, {}).items()})
-                    for section, cls in _sections().items()})
+                    for section, cls in _sections().items()}, alerts=alerts)
     validate(cfg)
     return cfg
 

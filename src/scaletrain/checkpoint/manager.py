@@ -23,16 +23,21 @@ from scaletrain.checkpoint.safe_reader import SafeReader
 from scaletrain.checkpoint.state import (init_optimizer_state, model_state, optimizer_state, rng_state,
                                          set_rng_state)
 from scaletrain.errors import UserError, describe_error, warn
+from scaletrain.observe.events import append_event
 
 FORMAT_VERSION = 1
 
 
 class CheckpointManager:
-    def __init__(self, trainer):
-        self.trainer = trainer
-        self.cfg = trainer.cfg.checkpoint
-        self.root = checkpoint_root(trainer.cfg, trainer.run_dir)
-        self.runtime = trainer.runtime
+    """Saves and restores the model and optimizer (tensors, through DCP) and
+    a dict of small ``Stateful`` objects (sampler, LR schedule, loss scaler:
+    ``state_dict``/``load_state_dict``, kept as JSON in train_state.json)."""
+
+    def __init__(self, cfg, run_dir: Path, runtime, model, optimizer, stateful: dict, layout: dict):
+        self.run_cfg, self.cfg = cfg, cfg.checkpoint
+        self.root, self.run_dir = checkpoint_root(cfg, run_dir), run_dir
+        self.runtime = runtime
+        self.model, self.optimizer, self.stateful, self.layout = model, optimizer, stateful, layout
         self.pending = None  # (future, tmp_dir, step) of a background save
         self.last_saved_step = -1
         # A background save runs its collectives from another thread: on their
@@ -49,8 +54,8 @@ class CheckpointManager:
     # -- saving ---------------------------------------------------------------
 
     def _state(self) -> dict[str, torch.Tensor]:
-        t = self.trainer
-        return {**model_state(t.model), **optimizer_state(t.model, t.optimizer), **rng_state(self.runtime.rank)}
+        return {**model_state(self.model), **optimizer_state(self.model, self.optimizer),
+                **rng_state(self.runtime.rank)}
 
     def _agree(self, ok: bool) -> bool:
         """True only if every rank says ok (so no rank walks into a collective alone)."""
@@ -107,12 +112,11 @@ class CheckpointManager:
         error = None
         if self.runtime.is_main:
             try:
-                t = self.trainer
                 (tmp / "train_state.json").write_text(json.dumps(self._train_state(step), indent=1))
-                (tmp / "config.toml").write_text(t.cfg.to_toml())
+                (tmp / "config.toml").write_text(self.run_cfg.to_toml())
                 seal(tmp, self.root / step_dir_name(step), {"format": FORMAT_VERSION, "step": step,
-                                                            "layout": t.dims.degrees(),
-                                                            "zero_stage": t.cfg.parallel.zero_stage})
+                                                            "layout": self.layout,
+                                                            "zero_stage": self.run_cfg.parallel.zero_stage})
                 self._apply_retention()
             except OSError as exc:
                 error = exc
@@ -121,15 +125,9 @@ class CheckpointManager:
         self.last_saved_step = step
 
     def _train_state(self, step: int) -> dict:
-        t = self.trainer
-        return {
-            "step": step,
-            "sampler": t.sampler.state_dict(),
-            "scheduler": t.scheduler.state_dict(),  # numbers only: the schedule itself is code
-            "scaler": t.scaler.state_dict() if t.scaler else None,
-            "layout": t.dims.degrees(),
-            "config": t.cfg.to_dict(),
-        }
+        # The schedule's state is numbers only: the schedule itself is code.
+        return {"step": step, **{name: obj.state_dict() for name, obj in self.stateful.items()},
+                "layout": self.layout, "config": self.run_cfg.to_dict()}
 
     def _apply_retention(self) -> None:
         if self.cfg.keep_last == 0:
@@ -139,12 +137,13 @@ class CheckpointManager:
             shutil.rmtree(path, ignore_errors=True)
 
     def _failed(self, tmp: Path, message: str) -> None:
-        if self.runtime.is_main:
-            shutil.rmtree(tmp, ignore_errors=True)
         try:  # a full disk shows up as odd errors from the writers ("unexpected pos ..."): say how full
             message += f" ({shutil.disk_usage(self.root).free / 2**20:.1f} MiB free in {self.root})"
         except OSError:
             pass
+        if self.runtime.is_main:
+            shutil.rmtree(tmp, ignore_errors=True)
+            append_event(self.run_dir, "failed_save", int(tmp.name.rsplit("_", 1)[-1]), self.runtime.rank, message)
         if self.cfg.on_error == "stop":
             raise CheckpointError(f"{message} (checkpoint.on_error = stop; earlier checkpoints are intact)")
         if self.runtime.is_main:
@@ -154,12 +153,11 @@ class CheckpointManager:
 
     def load(self, ckpt_dir: Path) -> int:
         """Restore model, optimizer, RNG, sampler and schedule; returns the step."""
-        t = self.trainer
         info = json.loads((ckpt_dir / "train_state.json").read_text())
-        check_model_matches(info["config"]["model"], t.cfg)
-        init_optimizer_state(t.optimizer)
+        check_model_matches(info["config"]["model"], self.run_cfg)
+        init_optimizer_state(self.optimizer)
         stored = set(SafeReader(str(ckpt_dir)).read_metadata().state_dict_metadata)
-        state = {**model_state(t.model), **optimizer_state(t.model, t.optimizer)}
+        state = {**model_state(self.model), **optimizer_state(self.model, self.optimizer)}
         missing = sorted(set(state) - stored)
         if missing:
             raise UserError(f"checkpoint {ckpt_dir} lacks {len(missing)} tensors this run needs, e.g. {missing[0]}")
@@ -167,23 +165,22 @@ class CheckpointManager:
         state.update(rng)
         dcp.load(state, storage_reader=SafeReader(str(ckpt_dir)), no_dist=not self.runtime.distributed)
         set_rng_state(rng, self.runtime.rank)
-        t.sampler.load_state_dict(info["sampler"])
-        t.scheduler.load_state_dict(info["scheduler"])
-        for group, lr in zip(t.optimizer.param_groups, t.scheduler.get_last_lr()):
-            group["lr"] = lr
-        if t.scaler and info.get("scaler"):
-            t.scaler.load_state_dict(info["scaler"])
+        for name, obj in self.stateful.items():
+            if info.get(name) is not None:
+                obj.load_state_dict(info[name])
+        if (scheduler := self.stateful.get("scheduler")) is not None:
+            for group, lr in zip(self.optimizer.param_groups, scheduler.get_last_lr()):
+                group["lr"] = lr
         self.last_saved_step = info["step"]
         return info["step"]
 
     def load_weights(self, ckpt_dir: Path) -> None:
         """checkpoint.init_from: the model weights only (fine-tuning start)."""
-        t = self.trainer
         if (problem := verify(ckpt_dir)) is not None:
             raise UserError(f"checkpoint.init_from = {str(ckpt_dir)!r} is not a valid checkpoint: {problem}")
         info = json.loads((ckpt_dir / "train_state.json").read_text())
-        check_model_matches(info["config"]["model"], t.cfg)
-        dcp.load(model_state(t.model), storage_reader=SafeReader(str(ckpt_dir)),
+        check_model_matches(info["config"]["model"], self.run_cfg)
+        dcp.load(model_state(self.model), storage_reader=SafeReader(str(ckpt_dir)),
                  no_dist=not self.runtime.distributed)
 
 

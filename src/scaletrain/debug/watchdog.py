@@ -31,6 +31,8 @@ from pathlib import Path
 
 import torch.distributed as dist
 
+from scaletrain.observe.events import append_event
+
 EXIT_HANG = 3
 _PREFIX = "scaletrain/watchdog/"
 
@@ -221,7 +223,27 @@ class Watchdog:
         os.replace(tmp, path)
         print(summary_text(report, path), file=sys.stderr, flush=True)
         self.store.set(f"{_PREFIX}verdict", "1")
+        append_event(self.run_dir, "hang", report["ranks"][self.rank].get("step") or self.step, self.rank,
+                     f"suspect rank(s) {report['suspect_ranks']}: {report['likely_cause']}")
+        self._end_local_ranks(beats)
         _exit(EXIT_HANG)
+
+    def _end_local_ranks(self, beats: dict[int, dict]) -> None:
+        """The other ranks on this host exit by themselves once they see the
+        verdict; one that is frozen (SIGSTOP, uninterruptible I/O) never
+        would, and torchrun's agent would wait 30 s for it: SIGKILL it, so the
+        whole job ends within hang_timeout + a few seconds."""
+        host = socket.gethostname()
+        local = [b["pid"] for r, b in beats.items() if r != self.rank and b.get("host") == host]
+        deadline = time.time() + 2 * self.interval + 1
+        while time.time() < deadline and any(_alive(pid) for pid in local):
+            time.sleep(0.1)
+        for pid in local:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except OSError:
+                    pass
 
     def on_failure(self, exc: BaseException) -> None:
         """A collective raised on this rank (e.g. a peer died): a peer that

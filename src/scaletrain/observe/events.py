@@ -1,0 +1,41 @@
+"""The run's failure history: ``events.jsonl``, one JSON object per event
+(``time``, ``step``, ``kind``, ``rank``, ``detail``): restarts, hangs,
+skipped steps, rollbacks, failed saves. Appended with one ``write`` per line
+on an O_APPEND descriptor, so several ranks can add to it without
+interleaving."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+EVENTS_FILE = "events.jsonl"
+
+
+def append_event(run_dir: Path, kind: str, step: int, rank: int, detail: str) -> None:
+    line = json.dumps({"time": time.time(), "step": step, "kind": kind, "rank": rank, "detail": detail}) + "\n"
+    try:
+        fd = os.open(run_dir / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+    except OSError:  # an unwritable run directory already reports itself elsewhere
+        return
+    try:
+        os.write(fd, line.encode())
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def read_events(run_dir: Path) -> list[dict]:
+    path = run_dir / EVENTS_FILE
+    if not path.exists():
+        return []
+    events = []
+    for line in path.read_text().splitlines():
+        try:
+            events.append(json.loads(line))
+        except json.JSONDecodeError:  # a line still being written
+            continue
+    return events

@@ -1,0 +1,62 @@
+"""Rank 0's record of a run: ``metrics.jsonl`` (one object per logged step),
+``ranks.jsonl`` (one object per rank per logged step: the time breakdown and
+resources of ``observe.breakdown``), the exporters and the alert rules."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+FILES = ("metrics.jsonl", "ranks.jsonl")
+
+
+class Recorder:
+    def __init__(self, run_dir: Path, enabled: bool, exporters: list | None = None, alerts=None):
+        self.run_dir, self.enabled = run_dir, enabled
+        self.exporters, self.alerts = exporters or [], alerts
+        self.files = {}
+        if enabled:
+            self._open()
+
+    def _open(self) -> None:
+        self.files = {name: (self.run_dir / name).open("a", buffering=1) for name in FILES}
+
+    def log(self, record: dict, rows: list[dict], now: float) -> None:
+        """One logged step: its record and every rank's row."""
+        if not self.enabled:
+            return
+        self.files["metrics.jsonl"].write(json.dumps(record) + "\n")
+        self.files["ranks.jsonl"].write("".join(json.dumps(row) + "\n" for row in rows))
+        firing = self.alerts.observe(record, now) if self.alerts is not None else []
+        for exporter in self.exporters:
+            exporter.write(record, rows, firing)
+
+    def truncate(self, step: int) -> None:
+        """Forget the records of steps after ``step`` (a resume or a rollback)."""
+        if not self.enabled:
+            return
+        self.close_files()
+        for name in FILES:
+            truncate_jsonl(self.run_dir / name, step)
+        self._open()
+
+    def close_files(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files = {}
+
+    def close(self) -> None:
+        self.close_files()
+        for exporter in self.exporters:
+            exporter.close()
+
+
+def truncate_jsonl(path: Path, step: int) -> None:
+    """Keep the lines of ``path`` whose ``step`` is at most ``step``."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line and json.loads(line)["step"] <= step]
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text("".join(line + "\n" for line in keep))
+    os.replace(tmp, path)

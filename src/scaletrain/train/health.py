@@ -1,0 +1,59 @@
+"""Self-healing: whether a step's update is applied.
+
+A step is bad when its global loss or gradient norm is NaN/inf, or (with
+``training.spike_zscore``) when its loss is a spike: more than z standard
+deviations above the mean of the last ``spike_window`` good steps. Both
+values are global (all-reduced) before the optimizer step, so every rank
+reaches the same verdict without another collective. A bad step's update is
+skipped on every rank: no optimizer step, no schedule step, gradients
+dropped; the batch counts as consumed (the data order is unchanged). After
+``max_bad_steps`` bad steps in a row, ``on_nonfinite = skip`` stops the run
+and ``rollback`` returns to the last checkpoint (the data stream continues
+after the offending batches); ``stop`` stops at the first.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections import deque
+
+APPLY, SKIP, ROLLBACK, STOP = "apply", "skip", "rollback", "stop"
+
+
+class StepGuard:
+    def __init__(self, on_nonfinite: str, max_bad_steps: int, spike_zscore: float, spike_window: int,
+                 check_grad_norm: bool = True):
+        self.on_nonfinite, self.max_bad_steps = on_nonfinite, max_bad_steps
+        self.spike_zscore = spike_zscore
+        self.history: deque[float] = deque(maxlen=spike_window)
+        self.check_grad_norm = check_grad_norm  # fp16's loss scaler handles inf gradients itself
+        self.consecutive = 0
+
+    def problem(self, loss: float, grad_norm: float) -> str | None:
+        """Why this step is bad, or None."""
+        if not math.isfinite(loss):
+            return f"loss is {loss}"
+        if self.check_grad_norm and not math.isfinite(grad_norm):
+            return f"gradient norm is {grad_norm}"
+        if self.spike_zscore > 0 and len(self.history) >= max(8, self.history.maxlen // 4):
+            mean, std = statistics.fmean(self.history), statistics.pstdev(self.history)
+            if std > 0 and (loss - mean) / std > self.spike_zscore:
+                return f"loss {loss:.4g} is a spike ({(loss - mean) / std:.1f} standard deviations above the " \
+                       f"mean {mean:.4g} of the last {len(self.history)} steps)"
+        return None
+
+    def verdict(self, loss: float, grad_norm: float) -> tuple[str, str | None]:
+        """(action, why): APPLY the update, or SKIP / ROLLBACK / STOP."""
+        why = self.problem(loss, grad_norm)
+        if why is None:
+            self.consecutive = 0
+            self.history.append(loss)
+            return APPLY, None
+        self.consecutive += 1
+        if self.on_nonfinite == "stop":
+            return STOP, why
+        if self.consecutive >= self.max_bad_steps:
+            self.consecutive = 0
+            return (ROLLBACK if self.on_nonfinite == "rollback" else STOP), why
+        return SKIP, why
