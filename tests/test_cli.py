@@ -35,7 +35,7 @@ def test_command_surface_is_frozen():
 
     command = typer.main.get_command(app)
     assert set(command.commands) == {"train", "config", "checkpoint", "plan", "doctor", "bench", "launch", "serve",
-                                     "allocate", "dashboard"}
+                                     "runs", "allocate", "dashboard"}
     assert set(command.commands["launch"].commands) == {"slurm", "k8s"}
     assert set(command.commands["bench"].commands) == {"comm"}
     assert set(command.commands["config"].commands) == {"show", "keys", "import-deepspeed"}
@@ -99,7 +99,7 @@ def test_train_writes_the_contract_files(tmp_path, debug_config):
     assert proc.returncode == 0, proc.stderr
     run = tmp_path / "run"
     assert {p.name for p in run.iterdir()} == {"config.toml", "metrics.jsonl", "summary.json", "model.safetensors",
-                                               "checkpoints", ".scaletrain.lock"}
+                                               "checkpoints", ".scaletrain.lock", "ranks.jsonl"}
     assert (run / ".scaletrain.lock").read_text() == ""  # released: no holder named
     assert [p.name for p in (run / "checkpoints").iterdir()] == ["step_00000008"]
     records = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
