@@ -155,6 +155,13 @@ def test_logprobs_are_the_models_and_abort_frees_blocks(model):
     engine.abort("a")
     engine.abort("b")
     assert not engine.has_work() and engine.blocks.usage() == 0.0
+    # Cancelling a request some of whose choices are done (max-num-seqs 1: one at a time).
+    engine = make_engine(model, max_num_seqs=1)
+    engine.add("n", prompt, SamplingParams(max_tokens=2, temperature=0.0), n=3)
+    while not any(o.finish_reason for o in engine.step()):
+        pass
+    engine.abort("n")
+    assert not engine.has_work() and engine.blocks.usage() == 0.0 and not engine.choices
 
 
 def test_sampler_filters():

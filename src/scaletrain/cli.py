@@ -154,9 +154,10 @@ from scaletrain.launch.cli import allocate, launch_app  # noqa: E402  (typer onl
 app.add_typer(launch_app, name="launch")
 app.command("allocate")(allocate)
 
-from scaletrain.serve.cli import serve  # noqa: E402  (typer only; the work loads on use)
+from scaletrain.serve.cli import bench_serve, serve  # noqa: E402  (typer only; the work loads on use)
 
 app.command("serve")(serve)
+bench_app.command("serve")(bench_serve)
 
 
 @app.command()

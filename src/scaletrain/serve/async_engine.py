@@ -30,7 +30,8 @@ class _Stream:
     n: int
     arrival_s: float
     last_token_s: dict[int, float] = field(default_factory=dict)
-    finished: set[int] = field(default_factory=set)
+    finished: set[int] = field(default_factory=set)  # choices done, as the engine thread saw them
+    delivered_finishes: int = 0  # final outputs handed to the event loop
 
 
 class AsyncEngine:
@@ -41,7 +42,7 @@ class AsyncEngine:
         self._stop = False
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
-        self._waiting = 0  # requests not yet running, as of the last step
+        self._queued: set[str] = set()  # accepted, not yet in the running batch
         self._stats_seen = (0, 0, 0)
         self.thread = threading.Thread(target=self._run, name="scaletrain-engine", daemon=True)
 
@@ -54,7 +55,7 @@ class AsyncEngine:
 
     def queue_length(self) -> int:
         """Requests accepted but not yet in the running batch."""
-        return self._waiting + sum(1 for op in list(self._inbox) if op[0] == "add")
+        return len(self._queued)
 
     def shutdown(self) -> None:
         self._stop = True
@@ -62,15 +63,19 @@ class AsyncEngine:
         if self.thread.is_alive():
             self.thread.join(timeout=30)
 
-    async def generate(self, prompts: list[list[int]], params: SamplingParams, n: int) -> AsyncIterator[ChoiceOutput]:
-        """Every output of every choice of every prompt (choice index = prompt * n + choice)."""
+    def generate(self, prompts: list[list[int]], params: SamplingParams, n: int) -> AsyncIterator[ChoiceOutput]:
+        """Queue the request now (so the next admission check counts it); its
+        outputs, every choice of every prompt (choice index = prompt * n + choice)."""
         loop, queue = asyncio.get_running_loop(), asyncio.Queue()
         now = time.monotonic()
         ids = [f"{next(self._ids)}" for _ in prompts]
         for i, (request_id, prompt) in enumerate(zip(ids, prompts)):
             self._streams[request_id] = _Stream(loop, queue, i * n, n, now)
+            self._queued.add(request_id)
             self._submit(("add", request_id, prompt, params, n, now))
-        remaining = len(prompts) * n
+        return self._outputs(ids, queue, len(prompts) * n)
+
+    async def _outputs(self, ids: list[str], queue: asyncio.Queue, remaining: int) -> AsyncIterator[ChoiceOutput]:
         try:
             while remaining:
                 out = await queue.get()
@@ -80,6 +85,7 @@ class AsyncEngine:
                 yield out
         finally:
             for request_id in ids:
+                self._queued.discard(request_id)
                 stream = self._streams.pop(request_id, None)
                 if stream is not None and len(stream.finished) < stream.n:
                     self._submit(("abort", request_id))
@@ -131,6 +137,10 @@ class AsyncEngine:
             if stream is not None:
                 out.index += stream.offset
                 stream.queue.put_nowait(out)
+                stream.delivered_finishes += out.finish_reason is not None
+                if stream.delivered_finishes == stream.n:  # also when nobody ever reads the stream
+                    self._streams.pop(out.request_id, None)
+                    self._queued.discard(out.request_id)
 
     def _record(self, outputs: list[ChoiceOutput]) -> None:
         now = time.monotonic()
@@ -156,9 +166,9 @@ class AsyncEngine:
 
     def _update_gauges(self) -> None:
         m, stats = self.metrics, self.engine.scheduler.stats
-        self._waiting = self.engine.num_waiting()
+        self._queued -= self.engine.running_requests()
         m.running.set(self.engine.num_running())
-        m.waiting.set(self._waiting)
+        m.waiting.set(self.engine.num_waiting())
         m.kv_cache_usage.set(self.engine.blocks.usage())
         seen = (stats.prefix_queries, stats.prefix_hits, stats.preemptions)
         for counter, now, before in zip((m.prefix_queries, m.prefix_hits, m.preemptions), seen, self._stats_seen):

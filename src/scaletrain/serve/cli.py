@@ -39,3 +39,46 @@ def serve(
                         kv_cache_bytes, block_size, api_key, served_model_name, max_queue, not no_prefix_caching,
                         grace, threads)
     raise typer.Exit(run(opts))
+
+
+def bench_serve(
+    url: str = typer.Option("http://127.0.0.1:8000", "--url", help="Base URL of an OpenAI-compatible server."),
+    model: Optional[str] = typer.Option(None, "--model", help="Model name (default: the server's first)."),
+    concurrency: str = typer.Option("1,4,16,64", "--concurrency", help="Comma-separated concurrency levels."),
+    num_prompts: Optional[int] = typer.Option(None, "--num-prompts", help="Requests per level (default: "
+                                              "max(16, 2 x concurrency))."),
+    max_tokens: int = typer.Option(128, "--max-tokens", help="max_tokens of every request."),
+    time_limit: float = typer.Option(300.0, "--time-limit", help="Seconds per level at most."),
+    api_key: str = typer.Option("none", "--api-key", envvar="OPENAI_API_KEY", help="Bearer key, if the server needs one."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Load-test a running server: streamed greedy completions of a fixed prompt set
+    (mixed lengths, half sharing a long prefix); throughput, TTFT, TPOT, ITL."""
+    import asyncio
+    import json
+
+    import httpx
+
+    from scaletrain.errors import UserError
+    from scaletrain.serve.loadgen import format_table, prompt_set, run_load
+
+    try:
+        levels = [int(c) for c in concurrency.split(",")]
+    except ValueError:
+        raise UserError(f"--concurrency {concurrency!r}: expected comma-separated integers, e.g. 1,4,16") from None
+    if any(c < 1 for c in levels) or max_tokens < 1 or (num_prompts is not None and num_prompts < 1):
+        raise UserError("--concurrency, --num-prompts and --max-tokens must be positive")
+    base = url.rstrip("/")
+    try:
+        listed = httpx.get(f"{base}/v1/models", headers={"Authorization": f"Bearer {api_key}"}, timeout=10)
+    except httpx.TransportError as exc:
+        raise UserError(f"--url {url}: cannot reach the server ({exc})") from None
+    if listed.status_code != 200:
+        raise UserError(f"--url {url}: GET /v1/models answered {listed.status_code}: {listed.text[:200]}")
+    model = model or listed.json()["data"][0]["id"]
+    rows = []
+    for level in levels:
+        prompts = prompt_set(num_prompts or max(16, 2 * level), seed=level)
+        rows.append({"server": base, **asyncio.run(run_load(f"{base}/v1", model, prompts, level, max_tokens,
+                                                             time_limit, api_key))})
+    print(json.dumps(rows, indent=1) if as_json else format_table(rows))

@@ -100,8 +100,9 @@ class Engine:
     def abort(self, request_id: str) -> None:
         """Cancel a request (client gone): its sequences leave and free their blocks."""
         for choice in self.by_request.pop(request_id, []):
-            self.scheduler.finish(choice.seq)
-            del self.choices[choice.seq]
+            if choice.finish_reason is None:  # its finished siblings are gone already
+                self.scheduler.finish(choice.seq)
+                del self.choices[choice.seq]
 
     def has_work(self) -> bool:
         return self.scheduler.has_work()
@@ -171,12 +172,16 @@ class Engine:
 
     # -- state for metrics ----------------------------------------------------------
 
+    def running_requests(self) -> set[str]:
+        """Requests with a sequence in the running batch."""
+        return {self.choices[s].request_id for s in self.scheduler.running if s in self.choices}
+
     def num_running(self) -> int:
-        return len({self.choices[s].request_id for s in self.scheduler.running if s in self.choices})
+        return len(self.running_requests())
 
     def num_waiting(self) -> int:
-        running = {self.choices[s].request_id for s in self.scheduler.running if s in self.choices}
-        return len({self.choices[s].request_id for s in self.scheduler.waiting} - running)
+        waiting = {self.choices[s].request_id for s in self.scheduler.waiting if s in self.choices}
+        return len(waiting - self.running_requests())
 
 
 def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:

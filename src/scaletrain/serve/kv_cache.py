@@ -10,8 +10,8 @@ block only when everything before it is equal too. Blocks nobody holds keep
 their cached content until they are needed: they are evicted least recently
 released first.
 
-``KVCache`` holds the tensors: per layer, ``num_blocks * block_size`` slots of
-(kv_heads, head_dim) for keys and values; slot = block * block_size + offset.
+``KVCache`` holds the tensors: per layer, ``num_blocks`` blocks of
+``block_size`` slots of (kv_heads, head_dim) for keys and values.
 """
 
 from __future__ import annotations
@@ -103,11 +103,11 @@ class BlockManager:
 
 
 class KVCache:
-    """Key/value tensors: (n_layers, num_blocks * block_size, kv_heads, head_dim) each."""
+    """Key/value tensors: (n_layers, num_blocks, block_size, kv_heads, head_dim) each."""
 
     def __init__(self, n_layers: int, num_blocks: int, block_size: int, kv_heads: int, head_dim: int,
                  dtype: torch.dtype):
-        shape = (n_layers, num_blocks * block_size, kv_heads, head_dim)
+        shape = (n_layers, num_blocks, block_size, kv_heads, head_dim)
         self.k = torch.zeros(shape, dtype=dtype)
         self.v = torch.zeros(shape, dtype=dtype)
         self.block_size = block_size
@@ -117,6 +117,6 @@ class KVCache:
         return 2 * n_layers * kv_heads * head_dim * torch.empty((), dtype=dtype).element_size()
 
     def write(self, layer: int, slots: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
-        """k, v: (N, kv_heads, head_dim) for the N new tokens at ``slots`` (N,)."""
-        self.k[layer].index_copy_(0, slots, k)
-        self.v[layer].index_copy_(0, slots, v)
+        """k, v: (N, kv_heads, head_dim) for the N new tokens at ``slots`` (N,), slot = block * block_size + offset."""
+        self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
+        self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v)

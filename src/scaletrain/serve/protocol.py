@@ -41,6 +41,8 @@ class _Request(BaseModel):
     stream: bool = False
     stream_options: Optional["StreamOptions"] = None
     ignore_eos: bool = False
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
 
 
 class StreamOptions(BaseModel):
@@ -106,6 +108,8 @@ def sampling_params(req: _Request, max_tokens: int, logprobs: int | None) -> Sam
         (1 <= req.n <= MAX_N, "n", f"n must be in 1..{MAX_N}, got {req.n}"),
         (len(stop) <= MAX_STOP and all(stop), "stop", f"stop: at most {MAX_STOP} non-empty strings"),
         (logprobs is None or 0 <= logprobs <= MAX_LOGPROBS, "logprobs", f"logprobs must be in 0..{MAX_LOGPROBS}"),
+        (req.presence_penalty == 0.0, "presence_penalty", "presence_penalty is not supported (only 0)"),
+        (req.frequency_penalty == 0.0, "frequency_penalty", "frequency_penalty is not supported (only 0)"),
     ]
     for ok, param, message in checks:
         if not ok:

@@ -30,12 +30,13 @@ class AttentionGroup:
     """Sequences whose attention runs as one SDPA call.
 
     query_rows (B, Q): rows of the packed tokens holding each sequence's new
-    tokens (padding repeats a valid row); kv_slots (B, L): cache slots of each
-    sequence's context, new tokens included; mask (B, 1, Q, L): which keys a
-    query may see (causal, within the context)."""
+    tokens (padding repeats a valid row); block_tables (B, max_blocks): each
+    sequence's blocks, padded with block 0, so its keys are the
+    max_blocks * block_size slots they cover; mask (B, 1, Q, L): which of
+    them a query may see (causal, within the context)."""
 
     query_rows: torch.Tensor
-    kv_slots: torch.Tensor
+    block_tables: torch.Tensor
     mask: torch.Tensor
     valid: torch.Tensor  # (B, Q) bool: real (not padding) queries
 
@@ -55,15 +56,14 @@ def attention_group(entries: list[tuple[int, int, int, list[int]]], block_size: 
     """entries: (first packed row, new tokens, context length, block table) per sequence."""
     rows, ns, ctxs = (torch.tensor(column) for column in list(zip(*entries))[:3])  # (B,) each
     max_blocks = max(len(e[3]) for e in entries)
-    table = torch.tensor([e[3] + [0] * (max_blocks - len(e[3])) for e in entries])  # (B, max_blocks)
-    q_max, l_max = int(ns.max()), int(ctxs.max())
-    key_pos = torch.arange(l_max)
-    kv_slots = table[:, key_pos // block_size] * block_size + key_pos % block_size  # (B, L)
+    tables = torch.tensor([e[3] + [0] * (max_blocks - len(e[3])) for e in entries])  # (B, max_blocks)
+    q_max = int(ns.max())
+    key_pos = torch.arange(max_blocks * block_size)
     q_index = torch.minimum(torch.arange(q_max)[None, :], ns[:, None] - 1)  # (B, Q), padding repeats the last
     query_pos = (ctxs - ns)[:, None] + q_index  # (B, Q)
     mask = key_pos[None, None, :] <= query_pos[:, :, None]  # (B, Q, L) causal within the context
     valid = torch.arange(q_max)[None, :] < ns[:, None]
-    return AttentionGroup(rows[:, None] + q_index, kv_slots, mask[:, None], valid)
+    return AttentionGroup(rows[:, None] + q_index, tables, mask[:, None], valid)
 
 
 def build_batch(work: list[tuple[list[int], int, list[int], bool]], block_size: int) -> StepBatch:
@@ -90,13 +90,19 @@ def build_batch(work: list[tuple[list[int], int, list[int], bool]], block_size: 
 
 
 def paged_attention(q: torch.Tensor, cache: KVCache, layer: int, groups: list[AttentionGroup]) -> torch.Tensor:
-    """q (N, heads, head_dim) of the packed new tokens -> attention output (N, heads * head_dim)."""
+    """q (N, heads, head_dim) of the packed new tokens -> attention output (N, heads * head_dim).
+
+    The gather of whole blocks (``k_blocks[block_tables]``) into contiguous
+    keys and values is the CPU stand-in for a paged-attention kernel."""
     out = torch.empty_like(q)
-    k_all, v_all = cache.k[layer], cache.v[layer]  # (slots, kv_heads, head_dim)
+    k_blocks, v_blocks = cache.k[layer], cache.v[layer]  # (num_blocks, block_size, kv_heads, head_dim)
+    kv_shape = k_blocks.shape[2:]
     for g in groups:
+        B, blocks = g.block_tables.shape[0], g.block_tables.flatten()
         qg = q[g.query_rows].transpose(1, 2)  # (B, heads, Q, head_dim)
-        kg = k_all[g.kv_slots].transpose(1, 2)  # (B, kv_heads, L, head_dim)
-        vg = v_all[g.kv_slots].transpose(1, 2)
+        # index_select of whole blocks (rows of block_size * kv_heads * head_dim): a plain memcpy per block.
+        kg = k_blocks.flatten(1).index_select(0, blocks).view(B, -1, *kv_shape).transpose(1, 2)  # (B, kv_heads, L, head_dim)
+        vg = v_blocks.flatten(1).index_select(0, blocks).view(B, -1, *kv_shape).transpose(1, 2)
         og = F.scaled_dot_product_attention(qg, kg, vg, attn_mask=g.mask, enable_gqa=True)
         out[g.query_rows[g.valid]] = og.transpose(1, 2)[g.valid]  # (valid, heads, head_dim)
     return out.flatten(1)
