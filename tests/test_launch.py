@@ -184,6 +184,10 @@ def test_k8s_manifest_is_valid_kubernetes(tmp_path):
     assert jobset["apiVersion"] == "jobset.x-k8s.io/v1alpha2"
     assert set(jobset["spec"]) <= {"replicatedJobs", "network", "successPolicy", "failurePolicy", "startupPolicy",
                                    "suspend", "coordinator", "managedBy", "ttlSecondsAfterFinished"}
+    # The JobSet's own fields, as kubernetes-sigs/jobset's v1alpha2 API types name them.
+    assert set(jobset["spec"]["network"]) <= {"enableDNSHostnames", "subdomain", "publishNotReadyAddresses"}
+    assert set(jobset["spec"]["failurePolicy"]) <= {"maxRestarts", "restartStrategy", "rules"}
+    assert set(jobset["spec"]["replicatedJobs"][0]) <= {"name", "groupName", "template", "replicas", "dependsOn"}
     template = jobset["spec"]["replicatedJobs"][0]["template"]
     assert roundtrip(template, "V1JobTemplateSpec") == template
     assert jobset["spec"]["failurePolicy"] == {"maxRestarts": 5}
