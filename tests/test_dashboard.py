@@ -34,14 +34,18 @@ def write_jsonl(path: Path, rows: list[dict], mode: str = "w") -> None:
 
 
 def rank_rows(step: int) -> list[dict]:
-    """One step's per-rank rows; SLOW_RANK takes twice as long from step 3 on."""
+    """One step's per-rank rows of a synchronous job: from step 3 on SLOW_RANK's
+    forward takes 0.45 s instead of 0.15 s and the others wait 0.3 s longer in
+    communication, so every rank's step time is the same (0.8 s)."""
     rows = []
     for rank in range(RANKS):
-        slow = 2.0 if rank == SLOW_RANK and step >= 3 else 1.0
-        rows.append({"step": step, "rank": rank, "step_time_s": 0.5 * slow, "data_s": 0.01, "forward_s": 0.15 * slow,
-                     "backward_s": 0.25 * slow, "optimizer_s": 0.03, "comm_wait_s": 0.05, "other_s": 0.01,
-                     "rss_bytes": 370_000_000, "mem_allocated_bytes": None, "mem_reserved_bytes": None,
-                     "cpu_util": 0.9, "gpu_util": None})
+        late = step >= 3
+        forward_s = 0.45 if late and rank == SLOW_RANK else 0.15
+        comm_wait_s = 0.35 if late and rank != SLOW_RANK else 0.05
+        rows.append({"step": step, "rank": rank, "step_time_s": 0.8 if late else 0.5, "data_s": 0.01,
+                     "forward_s": forward_s, "backward_s": 0.25, "optimizer_s": 0.03, "comm_wait_s": comm_wait_s,
+                     "other_s": 0.01, "rss_bytes": 370_000_000, "mem_allocated_bytes": None,
+                     "mem_reserved_bytes": None, "cpu_util": 0.9, "gpu_util": None})
     return rows
 
 
@@ -220,6 +224,12 @@ def test_page_shows_the_runs_and_a_new_step_without_a_reload(runs):
             assert page.evaluate("window.dashboard.points('lr')") == {"A · lr": 4, "B · lr": 3}
             assert page.locator("#chart-memory").get_attribute("data-points") == "7"
             assert page.evaluate("window.dashboard.heatmapCells()") == RANKS * 4
+            # The straggler stands out in its own work (0.5 s vs the median 0.2 s), not in step time.
+            hottest = page.evaluate("window.dashboard.heatmapHottest()")
+            assert (hottest["rank"], hottest["step"]) == (SLOW_RANK, 3) and hottest["ratio"] == pytest.approx(2.5)
+            page.select_option("#heat-field", "step_time_s")
+            assert page.evaluate("window.dashboard.heatmapHottest()")["ratio"] == pytest.approx(1.0)
+            page.select_option("#heat-field", "own_work_s")
             assert "straggler (warning) since step 3" in page.locator("#firing").inner_text()
             assert "nonfinite_loss" not in page.locator("#firing").inner_text()  # resolved
             # Validity comes from a background check: "checking…" first, the verdict a poll later.

@@ -25,7 +25,15 @@ const STEP_INCREMENTS = [1, 2, 5].flatMap(m => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].
 
 const runs = [];
 let focus = 0;
-const heat = {cells: 0, steps: [], ranks: [], rows: null};
+// Ranks of a synchronous job finish each step together, so step time alone hides a straggler: it shows in
+// the time a rank spends on its own work, and its peers' in waiting (inside backward, in comm wait).
+const HEAT_FIELDS = {
+  own_work_s: ["own work (step − backward − comm wait)",
+    r => (r.step_time_s == null ? null : r.step_time_s - (r.backward_s ?? 0) - (r.comm_wait_s ?? 0))],
+  step_time_s: ["step time", r => r.step_time_s],
+  ...Object.fromEntries(PHASES.map(([key, name]) => [key, [name, r => r[key]]])),
+};
+const heat = {cells: 0, steps: [], ranks: [], field: "own_work_s", hottest: null};
 
 // ---- helpers --------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
@@ -62,7 +70,8 @@ async function getJSON(url) {
   if (!response.ok) throw new Error(`${url}: HTTP ${response.status}`);
   return response.json();
 }
-function table(node, header, rows, empty) {
+function table(id, header, rows, empty) {
+  const node = document.getElementById(id);
   node.replaceChildren();
   if (!rows.length) { node.append(el("tr", {}, el("td", {class: "empty"}, empty))); return; }
   node.append(el("tr", {}, ...header.map(h => el("th", {}, h))));
@@ -226,8 +235,13 @@ function heatColor(ratio) {
   return `hsl(${120 - 120 * t}, ${45 + 35 * t}%, ${82 - 32 * t}%)`;
 }
 
+function stepMedian(byRank) {
+  return median([...byRank.values()].map(HEAT_FIELDS[heat.field][1]).filter(v => v != null));
+}
+
 function renderHeatmap(run) {
   const canvas = document.getElementById("heatmap");
+  const value = HEAT_FIELDS[heat.field][1];
   const steps = [...run.ranks.keys()].sort((a, b) => a - b);
   const ranks = [...new Set(steps.flatMap(s => [...run.ranks.get(s).keys()]))].sort((a, b) => a - b);
   const left = 56, bottom = 18, cellH = Math.max(3, Math.min(18, Math.floor(400 / Math.max(1, ranks.length))));
@@ -237,15 +251,16 @@ function renderHeatmap(run) {
   const ctx = canvas.getContext("2d");
   ctx.font = "11px system-ui";
   ctx.fillStyle = "#444";
-  let cells = 0;
+  let cells = 0, hottest = null;
   steps.forEach((step, col) => {
-    const byRank = run.ranks.get(step);
-    const mid = median([...byRank.values()].map(r => r.step_time_s).filter(t => t != null));
+    const byRank = run.ranks.get(step), mid = stepMedian(byRank);
     ranks.forEach((rank, row) => {
-      const t = byRank.get(rank)?.step_time_s;
-      ctx.fillStyle = t == null ? "#e5e7eb" : heatColor(t / mid);
+      const r = byRank.get(rank), v = r ? value(r) : null, ratio = mid > 0 ? v / mid : 1;
+      ctx.fillStyle = v == null ? "#e5e7eb" : heatColor(ratio);
       ctx.fillRect(left + col * cellW, row * cellH, Math.max(1, cellW - 1), Math.max(1, cellH - 1));
-      if (t != null) cells++;
+      if (v == null) return;
+      cells++;
+      if (!hottest || ratio > hottest.ratio) hottest = {rank, step, ratio};
     });
   });
   ctx.fillStyle = "#444";
@@ -257,16 +272,18 @@ function renderHeatmap(run) {
   } else {
     ctx.fillText("no per-rank rows (ranks.jsonl) yet", left, 14);
   }
-  Object.assign(heat, {cells, steps, ranks, left, cellW, cellH, run});
+  Object.assign(heat, {cells, hottest, steps, ranks, left, cellW, cellH, run});
   document.getElementById("heat-steps").textContent = steps.length;
   renderStragglers(run);
 }
 
 function renderStragglers(run) {
   // The trainer's own verdict (metrics' "stragglers": rank, ratio), last few logged steps that had one.
-  const flagged = [...run.metrics.values()].filter(r => r.stragglers?.length).slice(-5).map(r =>
-    `step ${r.step}: ` + r.stragglers.map(s => (typeof s === "object" && s ? `rank ${s.rank}${s.ratio ? ` (${fmt(s.ratio)}x)` : ""}` : `rank ${s}`)).join(", "));
-  document.getElementById("stragglers").textContent = flagged.length ? `stragglers flagged by the trainer — ${flagged.join("; ")}` : "";
+  const name = s => (s && typeof s === "object" ? `rank ${s.rank}${s.ratio ? ` (${fmt(s.ratio)}x)` : ""}` : `rank ${s}`);
+  const flagged = [...run.metrics.values()].filter(r => r.stragglers?.length).slice(-5)
+    .map(r => `step ${r.step}: ${r.stragglers.map(name).join(", ")}`);
+  document.getElementById("stragglers").textContent =
+    flagged.length ? `stragglers flagged by the trainer — ${flagged.join("; ")}` : "";
 }
 
 function describeCell(event) {
@@ -275,41 +292,36 @@ function describeCell(event) {
   const step = heat.steps[Math.floor((x - heat.left) / heat.cellW)], rank = heat.ranks[Math.floor(y / heat.cellH)];
   const row = heat.run?.ranks.get(step)?.get(rank);
   if (x < heat.left || !row) return;
-  const mid = median([...heat.run.ranks.get(step).values()].map(r => r.step_time_s).filter(t => t != null));
-  const parts = PHASES.map(([key, name]) => `${name} ${fmt(row[key])} s`).join(", ");
-  document.getElementById("heat-info").textContent =
-    `rank ${rank}, step ${step}: ${fmt(row.step_time_s)} s (${(row.step_time_s / mid).toFixed(2)}x the median) — ${parts}`;
+  const [name, value] = HEAT_FIELDS[heat.field], mid = stepMedian(heat.run.ranks.get(step));
+  const parts = PHASES.map(([key, phase]) => `${phase} ${fmt(row[key])} s`).join(", ");
+  document.getElementById("heat-info").textContent = `rank ${rank}, step ${step}: ${name} ${fmt(value(row))} s ` +
+    `(${(value(row) / mid).toFixed(2)}x the step's median); step ${fmt(row.step_time_s)} s — ${parts}`;
+}
+
+function resourceNote(r) {
+  const parts = [`rss ${fmtBytes(r.rss_bytes)}`];
+  if (r.mem_allocated_bytes != null) parts.push(`gpu ${fmtBytes(r.mem_allocated_bytes)} / ${fmtBytes(r.mem_reserved_bytes)}`);
+  if (r.cpu_util != null) parts.push(`cpu ${(100 * r.cpu_util).toFixed(0)}%`);
+  if (r.gpu_util != null) parts.push(`gpu util ${fmt(r.gpu_util)}`);
+  return parts.join(" · ");
 }
 
 function renderBreakdown(run) {
-  const legend = document.getElementById("breakdown-legend");
-  if (!legend.children.length) {
-    legend.append(...PHASES.map(([, name, color]) => el("span", {}, el("span", {class: "swatch", style: `background:${color}`}), ` ${name}`)));
-  }
+  // Each rank's mean phase times over the heatmap's steps; bars share one scale, so a longer bar is a slower rank.
   const byRank = new Map();
   for (const rows of run.ranks.values()) {
-    for (const [rank, r] of rows) {
-      if (!byRank.has(rank)) byRank.set(rank, []);
-      byRank.get(rank).push(r);
-    }
+    for (const [rank, r] of rows) (byRank.get(rank) || byRank.set(rank, []).get(rank)).push(r);
   }
-  const mean = (rows, key) => { const v = rows.map(r => r[key]).filter(x => x != null); return v.length ? v.reduce((a, b) => a + b, 0) / v.length : null; };
-  const lines = [...byRank.entries()].sort((a, b) => a[0] - b[0]).map(([rank, rows]) => {
-    const last = rows[rows.length - 1];
-    return {label: `rank ${rank}`, phases: PHASES.map(([key]) => mean(rows, key) ?? 0), total: mean(rows, "step_time_s"),
-      note: [`rss ${fmtBytes(last.rss_bytes)}`, last.mem_allocated_bytes != null ? `gpu ${fmtBytes(last.mem_allocated_bytes)} / ${fmtBytes(last.mem_reserved_bytes)}` : null,
-        last.cpu_util != null ? `cpu ${(100 * last.cpu_util).toFixed(0)}%` : null, last.gpu_util != null ? `gpu util ${fmt(last.gpu_util)}` : null].filter(Boolean).join(" · ")};
-  });
-  const longest = Math.max(...lines.map(l => Math.max(l.total ?? 0, l.phases.reduce((a, b) => a + b, 0))), 1e-12);
+  const mean = (rows, key) => rows.reduce((sum, r) => sum + (r[key] ?? 0), 0) / rows.length;
+  const lines = [...byRank.entries()].sort((a, b) => a[0] - b[0]).map(([rank, rows]) => ({rank,
+    phases: PHASES.map(([key]) => mean(rows, key)), total: mean(rows, "step_time_s"), last: rows[rows.length - 1]}));
+  const longest = Math.max(1e-12, ...lines.map(l => Math.max(l.total, l.phases.reduce((a, b) => a + b, 0))));
   const node = document.getElementById("breakdown");
-  node.replaceChildren();
-  if (!lines.length) { node.append(el("div", {class: "empty"}, "no per-rank rows (ranks.jsonl) yet")); return; }
-  for (const line of lines) {
-    const bar = el("div", {class: "bar"}, ...line.phases.map((v, i) => el("span", {
-      style: `width:${(100 * v / longest).toFixed(2)}%;background:${PHASES[i][2]}`, title: `${PHASES[i][1]} ${fmt(v)} s`})));
-    node.append(el("div", {class: "bar-row"}, el("span", {class: "label"}, line.label), bar,
-      el("span", {class: "note"}, `${fmt(line.total)} s · ${line.note}`)));
-  }
+  node.replaceChildren(...lines.map(line => el("div", {class: "bar-row"}, el("span", {class: "label"}, `rank ${line.rank}`),
+    el("div", {class: "bar"}, ...line.phases.map((v, i) => el("span", {title: `${PHASES[i][1]} ${fmt(v)} s`,
+      style: `width:${(100 * v / longest).toFixed(2)}%;background:${PHASES[i][2]}`}))),
+    el("span", {class: "note"}, `${fmt(line.total)} s · ${resourceNote(line.last)}`))));
+  if (!lines.length) node.append(el("div", {class: "empty"}, "no per-rank rows (ranks.jsonl) yet"));
 }
 
 // ---- tables ---------------------------------------------------------------
@@ -318,42 +330,41 @@ function renderFiring() {
   const node = document.getElementById("firing");
   node.replaceChildren();
   for (const run of runs) {
-    const last = new Map();
-    for (const a of run.alerts) last.set(a.name, a);
+    const last = new Map(run.alerts.map(a => [a.name, a]));
     for (const a of last.values()) {
-      if (a.state === "firing") node.append(el("div", {class: a.severity}, `${run.info.name}: ${a.name} (${a.severity}) since step ${a.step} — ${a.message}`));
+      if (a.state !== "firing") continue;
+      node.append(el("div", {class: a.severity}, `${run.info.name}: ${a.name} (${a.severity}) since step ${a.step} — ${a.message}`));
     }
   }
 }
 
 function renderTables(run) {
-  table(document.getElementById("alerts"), ["time", "step", "severity", "name", "state", "message"],
-    [...run.alerts].reverse().slice(0, 200).map(a => ({cls: `${a.state} ${a.severity}`,
-      cells: [clock(a.time), a.step, a.severity, a.name, a.state, `${a.message ?? ""}${a.value != null ? ` (value ${fmt(a.value)})` : ""}`]})),
-    "no alerts");
-  table(document.getElementById("events"), ["time", "step", "kind", "rank", "detail"],
-    [...run.events].reverse().slice(0, 200).map(e => ({cells: [clock(e.time), e.step, e.kind, e.rank, e.detail]})), "no events");
+  const newest = rows => [...rows].reverse().slice(0, 200);
+  table("alerts", ["time", "step", "severity", "name", "state", "message", "value"], newest(run.alerts).map(a =>
+    ({cls: `${a.state} ${a.severity}`, cells: [clock(a.time), a.step, a.severity, a.name, a.state, a.message, fmt(a.value)]})),
+  "no alerts");
+  table("events", ["time", "step", "kind", "rank", "detail"], newest(run.events).map(e =>
+    ({cells: [clock(e.time), e.step, e.kind, e.rank, e.detail]})), "no events");
   const status = run.status || {};
-  table(document.getElementById("checkpoints"), ["step", "valid", "size", "saved"],
-    [...(status.checkpoints || [])].reverse().map(c => ({cls: c.valid || c.checking ? "" : "invalid",
+  table("checkpoints", ["step", "valid", "size", "saved"], newest(status.checkpoints || []).map(c =>
+    ({cls: c.valid || c.checking ? "" : "invalid",
       cells: [c.step, c.checking ? "checking…" : c.valid ? "valid" : `invalid: ${c.problem}`, fmtBytes(c.bytes), clock(c.time)]})),
-    "no checkpoints");
-  const summary = status.summary;
-  table(document.getElementById("summary"), ["key", "value"], summary ? Object.entries(summary)
-    .filter(([, v]) => !Array.isArray(v) || v.length)
-    .map(([k, v]) => ({cells: [k, typeof v === "object" && v !== null ? JSON.stringify(v).slice(0, 160) : fmt(v)]}))
-    : [], "no summary yet (written when the run ends)");
+  "no checkpoints");
+  const summary = Object.entries(status.summary || {}).filter(([, v]) => !Array.isArray(v) || v.length);
+  table("summary", ["key", "value"], summary.map(([k, v]) =>
+    ({cells: [k, typeof v === "object" && v !== null ? JSON.stringify(v).slice(0, 160) : fmt(v)]})),
+  "no summary yet (written when the run ends)");
   renderHang(status.hang_report);
 }
 
 function renderHang(report) {
-  const box = document.getElementById("hang");
-  box.hidden = !report;
+  // The same lines as the watchdog's summary on stderr.
+  document.getElementById("hang").hidden = !report;
   if (!report) return;
-  const lines = [`trigger: ${report.trigger}`, `suspect rank(s): ${(report.suspect_ranks || []).join(", ") || "none identified"}`,
-    `likely cause: ${report.likely_cause}`,
-    ...(report.ranks || []).map(r => `  rank ${r.rank}: step ${r.step} phase ${r.phase} collectives ${r.collectives}` +
-      ` ${r.in_collective ? `in ${r.in_collective} ` : ""}at ${r.at || "no dump (unreachable)"}`)];
+  const lines = [`trigger: ${report.trigger}`, `likely cause: ${report.likely_cause}`,
+    `suspect rank(s): ${(report.suspect_ranks || []).join(", ") || "none identified"}`,
+    ...(report.ranks || []).map(r => `  rank ${r.rank}: step ${r.step} phase ${r.phase} collectives ${r.collectives} ` +
+      `${r.in_collective ? `in ${r.in_collective} ` : ""}at ${r.at || "no dump (unreachable)"}`)];
   document.getElementById("hang-body").replaceChildren(el("pre", {}, lines.join("\n")));
 }
 
@@ -362,8 +373,9 @@ function renderRuns() {
   header.replaceChildren(...runs.map(run => {
     const steps = [...run.metrics.keys()];
     const skipped = [...run.metrics.values()].filter(r => r.skipped).length;
-    return el("span", {class: "run-tag", title: run.info.path}, el("span", {class: "swatch", style: `background:${run.color}`}),
-      run.info.name, el("span", {class: `state ${run.info.state.split(" ")[0]}`}, run.info.state),
+    return el("span", {class: "run-tag", title: run.info.path},
+      el("span", {class: "swatch", style: `background:${run.color}`}), run.info.name,
+      el("span", {class: `state ${run.info.state.split(" ")[0]}`}, run.info.state),
       steps.length ? `step ${Math.max(...steps)}` : "no steps yet", skipped ? ` · ${skipped} skipped` : "");
   }));
   if (select.options.length !== runs.length) {
@@ -386,7 +398,12 @@ function render() {
   for (const r of runs) r.changed = false;
 }
 
-window.dashboard = {runs, ticks: 0, points, heatmapCells: () => heat.cells};
+window.dashboard = {runs, ticks: 0, points, heatmapCells: () => heat.cells, heatmapHottest: () => heat.hottest};
+document.getElementById("breakdown-legend").append(...PHASES.map(([, name, color]) =>
+  el("span", {}, el("span", {class: "swatch", style: `background:${color}`}), ` ${name}`)));
+const heatSelect = document.getElementById("heat-field");
+heatSelect.append(...Object.entries(HEAT_FIELDS).map(([key, [name]]) => el("option", {value: key}, name)));
+heatSelect.addEventListener("change", e => { heat.field = e.target.value; render(); });
 document.getElementById("focus").addEventListener("change", e => { focus = Number(e.target.value); render(); });
 document.getElementById("heatmap").addEventListener("mousemove", describeCell);
 tick();
