@@ -43,7 +43,8 @@ def run_job(job: dict) -> None:
     ds_config = {"train_batch_size": t.global_batch_size,
                  "train_micro_batch_size_per_gpu": t.global_batch_size // world,
                  "gradient_accumulation_steps": 1, "gradient_clipping": t.grad_clip,
-                 "zero_optimization": {"stage": job["zero_stage"]}, "steps_per_print": 10**9}
+                 "zero_optimization": {"stage": job["zero_stage"]}, "steps_per_print": 10**9,
+                 "bf16": {"enabled": bool(job.get("bf16"))}}
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     def step() -> float:

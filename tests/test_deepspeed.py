@@ -151,6 +151,9 @@ def test_deepspeed_both_ways(tmp_path, scaletrain_run, debug_config):
         jobs += [{**common, "steps": SAVED, "save_dir": str(tmp_path / f"ds{stage}"),
                   "out": str(tmp_path / f"ds{stage}.json")},
                  {**common, "load_dir": str(tmp_path / f"export{stage}"), "out": str(tmp_path / f"load{stage}.json")}]
+    # bf16 ZeRO-1 runs DeepSpeed's BF16_Optimizer, which writes its own file names and keys.
+    jobs.append({"config": str(debug_config), "overrides": RECIPE, "zero_stage": 1, "bf16": True, "steps": 2,
+                 "continue_steps": 0, "save_dir": str(tmp_path / "bf16"), "out": str(tmp_path / "bf16.json")})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(REPO / "tests" / "deepspeed_worker.py"), str(tmp_path / "jobs.json")]
@@ -160,6 +163,13 @@ def test_deepspeed_both_ways(tmp_path, scaletrain_run, debug_config):
 
     from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
 
+    for saved in ["bf16"] + [f"ds{stage}" for stage in (1, 2, 3)]:
+        # Import consolidates what DeepSpeed's own zero_to_fp32 does, to the bit.
+        ours = read_deepspeed(tmp_path / saved).params
+        theirs = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / saved))
+        assert ours.keys() == theirs.keys()
+        for name, tensor in theirs.items():
+            torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=f"{saved} {name}")
     cases = {}
     for stage in (1, 2, 3):
         trained = json.loads((tmp_path / f"ds{stage}.json").read_text())["losses"]
@@ -167,12 +177,6 @@ def test_deepspeed_both_ways(tmp_path, scaletrain_run, debug_config):
         # DeepSpeed trains scaletrain's recipe as scaletrain does, and resumes scaletrain's export.
         torch.testing.assert_close(torch.tensor(trained), torch.tensor(reference), rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(torch.tensor(loaded), torch.tensor(reference[SAVED:]), rtol=1e-5, atol=1e-6)
-        # Import consolidates what DeepSpeed's own zero_to_fp32 does, to the bit.
-        ours = read_deepspeed(tmp_path / f"ds{stage}").params
-        theirs = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / f"ds{stage}"))
-        assert ours.keys() == theirs.keys()
-        for name, tensor in theirs.items():
-            torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=name)
         done, resumes = import_deepspeed(tmp_path / f"ds{stage}", tmp_path / f"imported{stage}",
                                          load_config(debug_config, RECIPE))
         assert resumes

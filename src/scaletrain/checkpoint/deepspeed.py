@@ -113,17 +113,26 @@ def read_deepspeed(ds_dir: Path) -> DeepSpeedState:
     model_states = load_pt(folder / (ZERO3_MODEL_STATES.format(0) if zero3 else MODEL_STATES))
     world = int(model_states.get("dp_world_size", 1))
     shapes = model_states.get("param_shapes")
-    optim_files = [folder / OPTIM_STATES.format(r) for r in range(world)]
+    # With bf16, DeepSpeed names the files bf16_zero_pp_rank_*.
+    prefix = "bf16_" if (folder / ("bf16_" + OPTIM_STATES.format(0))).is_file() else ""
+    optim_files = [folder / (prefix + OPTIM_STATES.format(r)) for r in range(world)]
     if not zero3 and not optim_files[0].is_file():
         return _zero0(model_states)
     if not shapes:
         raise UserError(f"{folder}: the model states lack param_shapes; not a ZeRO checkpoint scaletrain reads")
-    ranks = [load_pt(path)["optimizer_state_dict"] for path in optim_files]
-    stage = int(ranks[0]["zero_stage"])
+    ranks = [load_pt(path).get("optimizer_state_dict") or {} for path in optim_files]
+    ds_config = dict(model_states.get("ds_config") or {})
+    # DeepSpeed's bf16 optimizer (ZeRO-1 with bf16) does not record the stage; its layout is ZeRO-1's.
+    stage = int(ranks[0].get("zero_stage", 3 if "fp32_flat_groups" in ranks[0] else
+                             (ds_config.get("zero_optimization") or {}).get("stage", 1)))
     state = DeepSpeedState(step=int(model_states.get("global_steps", 0)), zero_stage=stage, world_size=world,
-                           params={}, ds_config=dict(model_states.get("ds_config") or {}))
+                           params={}, ds_config=ds_config)
     groups = shapes if isinstance(shapes, list) else [shapes]
-    (_read_zero3 if stage == 3 else _read_zero12)(folder, groups, ranks, state)
+    try:
+        (_read_zero3 if stage == 3 else _read_zero12)(folder, groups, ranks, state)
+    except (KeyError, IndexError, TypeError) as exc:
+        raise UserError(f"{folder}: not a ZeRO-{stage} layout scaletrain reads (no {exc} in the optimizer "
+                        "states)") from None
     return state
 
 
