@@ -18,7 +18,7 @@ PUBLIC_KEYS = {
                  "pp_microbatches", "pp_virtual_stages", "cpu_offload", "ddp_bucket_cap_mb"],
     "checkpoint": ["enable", "dir", "interval", "keep_last", "async", "resume", "init_from", "on_error"],
     "debug": ["stop_at_step", "measure_step", "hang_timeout", "inject_fault", "straggler_factor"],
-    "logging": ["interval", "sample_tokens", "tensorboard", "wandb", "prometheus_port", "prometheus_host",
+    "logging": ["interval", "sample_tokens", "breakdown", "tensorboard", "wandb", "prometheus_port", "prometheus_host",
                 "alert_webhook"],
 }
 

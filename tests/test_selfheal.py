@@ -176,4 +176,45 @@ def test_hang_with_a_frozen_rank_ends_the_job_promptly(tmp_path, debug_config):
     report = json.loads((run_dir / "hang_report.json").read_text())
     assert len(report["suspect_ranks"]) == 1 and "frozen" in report["likely_cause"]
     assert [e["kind"] for e in read_events(run_dir)] == ["hang"]
+    alerts = [json.loads(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
+    assert [(a["name"], a["severity"], a["value"]) for a in alerts] == [("hang", "critical", report["suspect_ranks"])]
     assert not psutil.pid_exists(frozen.pid) or frozen.status() == psutil.STATUS_ZOMBIE
+
+
+def test_built_in_alerts_fire_through_fault_injection_and_reach_the_webhook(tmp_path, debug_config):
+    import threading
+    from http.server import BaseHTTPRequestHandler, HTTPServer
+
+    received: list[dict] = []
+
+    class Hook(BaseHTTPRequestHandler):
+        def do_POST(self):
+            received.append(json.loads(self.rfile.read(int(self.headers["Content-Length"]))))
+            self.send_response(200)
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = HTTPServer(("127.0.0.1", 0), Hook)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    run_dir = tmp_path / "run"
+    try:
+        proc = run_cli(["train", "--config", str(debug_config), "--nproc", "2", "--run-dir", str(run_dir),
+                        *sets(*SMALL, "training.steps=26", "debug.inject_fault=nan:1:3,slow:1:14",
+                              f"checkpoint.dir={blocker}/ckpt", "checkpoint.on_error=continue",
+                              "checkpoint.interval=5", f"logging.alert_webhook=http://127.0.0.1:{server.server_port}/")],
+                       timeout=180)
+    finally:
+        server.shutdown()
+    assert proc.returncode == 0, proc.stderr
+    fired = {(a["name"], a["state"]) for a in (json.loads(line) for line in
+                                              (run_dir / "alerts.jsonl").read_text().splitlines())}
+    for name in ("nonfinite", "straggler", "checkpoint_failed", "step_time_regression"):
+        assert (name, "firing") in fired, (name, fired)
+    assert ("nonfinite", "resolved") in fired  # the next step was healthy again
+    hooked = {(e["name"], e["state"]) for e in received}
+    assert hooked == fired and all("text" in e for e in received)  # Slack-compatible bodies
+    assert "alert FIRING [critical] nonfinite" in proc.stderr

@@ -152,7 +152,7 @@ class DebugConfig:
                              minimum=0.0)
     inject_fault: str = _f("", "fault injection for testing the hang diagnosis: KIND:RANK:STEP with KIND one of "
                               "extra_collective, fewer_batches, swallow_exception, sleep, kill, slow, raise (an uncaught error), "
-                              "nan (a NaN loss); empty = none")
+                              "nan (a NaN loss); several separated by commas; empty = none")
     straggler_factor: float = _f(1.5, "a rank whose step time exceeds the median by this factor is reported "
                                       "as a straggler (checked every logging.interval steps); 0 = off",
                                  minimum=0.0)
@@ -162,6 +162,7 @@ class DebugConfig:
 class LoggingConfig:
     interval: int = _f(1, "log metrics every N steps", minimum=1)
     sample_tokens: int = _f(160, "tokens of text to sample from the trained model at the end; 0 = none", minimum=0)
+    breakdown: bool = _f(True, "time each step's phases and sample memory/CPU/GPU use per rank (ranks.jsonl)")
     tensorboard: bool = _f(False, "write TensorBoard event files to <run dir>/tensorboard (pip install tensorboard)")
     wandb: bool = _f(False, "log to Weights & Biases in offline mode under <run dir>/wandb (pip install wandb)")
     prometheus_port: int = _f(-1, "serve Prometheus metrics from rank 0 on this port; 0 = a free port, -1 = off",
@@ -364,8 +365,11 @@ def validate(cfg: Config) -> None:
             raise UserError(f"training.{key} = {getattr(t, key)!r} must be < 1 (AdamW's moment decay; allowed: 0 <= beta < 1)")
     if t.min_lr > t.lr:
         raise UserError(f"training.min_lr = {t.min_lr} exceeds training.lr = {t.lr}")
-    if cfg.debug.inject_fault:
-        parse_fault(cfg.debug.inject_fault)
+    for fault in filter(None, cfg.debug.inject_fault.split(",")):
+        parse_fault(fault)
+    from scaletrain.observe.alerts import parse_rules  # torch-free
+
+    parse_rules(cfg.alerts)
     for key in ("dp_replicate", "dp_shard", "pp_microbatches", "pp_virtual_stages"):
         value = getattr(p, key)
         if value != -1 and value < 1:

@@ -40,6 +40,7 @@ class CheckpointManager:
         self.model, self.optimizer, self.stateful, self.layout = model, optimizer, stateful, layout
         self.pending = None  # (future, tmp_dir, step) of a background save
         self.last_saved_step = -1
+        self.failures: list[int] = []  # steps whose save failed (on_error = continue), for the alerts
         # A background save runs its collectives from another thread: on their
         # own gloo group, never interleaved with training's on the default one.
         self.async_group = None
@@ -141,6 +142,7 @@ class CheckpointManager:
             message += f" ({shutil.disk_usage(self.root).free / 2**20:.1f} MiB free in {self.root})"
         except OSError:
             pass
+        self.failures.append(int(tmp.name.rsplit("_", 1)[-1]))
         if self.runtime.is_main:
             shutil.rmtree(tmp, ignore_errors=True)
             append_event(self.run_dir, "failed_save", int(tmp.name.rsplit("_", 1)[-1]), self.runtime.rank, message)

@@ -19,20 +19,20 @@ class InjectedError(RuntimeError):
 
 
 class FaultInjector:
+    """Every ``KIND:RANK:STEP`` of a comma-separated spec that names this rank."""
+
     def __init__(self, spec: str, rank: int, device: torch.device):
-        self.kind, self.rank, self.step = parse_fault(spec) if spec else (None, -1, 0)
-        self.mine = self.kind is not None and rank == self.rank
-        self.device = device
-        self.fired = False
+        faults = [parse_fault(part) for part in spec.split(",") if part]
+        self.mine = [(kind, step) for kind, r, step in faults if r == rank]
+        self.rank, self.device = rank, device
+        self.fired: set[tuple[str, int]] = set()
 
     def _now(self, step: int, kind: str) -> bool:
-        return self.mine and self.kind == kind and step == self.step
+        return (kind, step) in self.mine
 
     def at(self, point: str, step: int) -> None:
         """Act at ``point`` ("start" or "after_loss") of ``step`` (1-based)."""
-        if not self.mine or step < self.step:
-            return
-        if point == "start" and self.kind == "slow":
+        if point == "start" and any(kind == "slow" and step >= at for kind, at in self.mine):
             time.sleep(0.2)
         elif point == "start" and self._now(step, "sleep"):
             time.sleep(3600)
@@ -48,11 +48,11 @@ class FaultInjector:
     def nan_loss(self, step: int) -> bool:
         """``nan:RANK:STEP``: this rank's loss is NaN at that step, once (a bad
         batch: after a rollback the step number comes again, the batch not)."""
-        if self._now(step, "nan") and not self.fired:
-            self.fired = True
+        if self._now(step, "nan") and ("nan", step) not in self.fired:
+            self.fired.add(("nan", step))
             return True
         return False
 
     def last_step(self, steps: int) -> int:
         """``fewer_batches:RANK:STEP``: this rank's data runs out one batch early."""
-        return self.step - 1 if self.mine and self.kind == "fewer_batches" else steps
+        return min([at - 1 for kind, at in self.mine if kind == "fewer_batches"] + [steps])

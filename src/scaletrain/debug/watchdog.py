@@ -157,6 +157,16 @@ class Watchdog:
             print(f"error: stopping rank {self.rank}: {failure['line']}", file=sys.stderr, flush=True)
             _exit(1)
 
+    def missing_ranks(self) -> list[int]:
+        """Ranks whose heartbeat is older than three intervals (for the alerts)."""
+        now = time.time()
+        try:
+            beats = self.heartbeats()
+        except Exception:
+            return []
+        return [r for r in range(self.world_size) if r not in beats or (
+            beats[r]["phase"] != "done" and now - beats[r]["published_at"] > 3 * self.interval)]
+
     def heartbeats(self) -> dict[int, dict]:
         beats = {}
         for r in range(self.world_size):
@@ -225,6 +235,7 @@ class Watchdog:
         self.store.set(f"{_PREFIX}verdict", "1")
         append_event(self.run_dir, "hang", report["ranks"][self.rank].get("step") or self.step, self.rank,
                      f"suspect rank(s) {report['suspect_ranks']}: {report['likely_cause']}")
+        _hang_alert(self.run_dir, report)
         self._end_local_ranks(beats)
         _exit(EXIT_HANG)
 
@@ -270,6 +281,21 @@ class Watchdog:
         if self.store.add(f"{_PREFIX}reporter", 1) == 1:
             self.report(trigger, error=f"{type(exc).__name__}: {exc}")
         self._dump_and_exit()
+
+
+def _hang_alert(run_dir: Path, report: dict) -> None:
+    """The hang as a critical alert in alerts.jsonl, naming the suspect rank(s)."""
+    from scaletrain.observe.sinks import AlertEvent, JsonlSink
+
+    step = max((e.get("step") or 0 for e in report["ranks"]), default=0)
+    sink = JsonlSink(run_dir / "alerts.jsonl")
+    try:
+        sink.send(AlertEvent(time.time(), step, "hang", "critical", "firing",
+                             f"rank(s) {report['suspect_ranks']}: {report['likely_cause']}", report["suspect_ranks"]))
+    except (OSError, ValueError):
+        pass
+    finally:
+        sink.close()
 
 
 def _alive(pid: int) -> bool:

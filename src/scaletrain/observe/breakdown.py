@@ -39,8 +39,8 @@ ROW = ("step_time_s", *PHASES, "other_s", "first_forward_s", *RESOURCES)
 class StepTimer:
     """Phase times of one step: ``with timer.phase("forward_s"): ...``."""
 
-    def __init__(self, device: torch.device):
-        self.cuda = device.type == "cuda"
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.cuda, self.enabled = device.type == "cuda", enabled
         self.totals = dict.fromkeys(PHASES, 0.0)
         self.pending: list[tuple[str, object, object]] = []  # CUDA event pairs read at finish()
 
@@ -50,6 +50,9 @@ class StepTimer:
 
     @contextlib.contextmanager
     def phase(self, name: str):
+        if not self.enabled:
+            yield
+            return
         if self.cuda:
             start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             start.record()
@@ -75,8 +78,8 @@ class StepTimer:
 class ResourceSampler:
     """Memory and utilisation of this process (and its GPU) since the last sample."""
 
-    def __init__(self, device: torch.device):
-        self.device = device
+    def __init__(self, device: torch.device, enabled: bool = True):
+        self.device, self.enabled = device, enabled
         self.process = psutil.Process()
         self.cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
         self.last = (time.perf_counter(), self._cpu_seconds())
@@ -86,6 +89,8 @@ class ResourceSampler:
         return times.user + times.system
 
     def sample(self) -> dict[str, float | None]:
+        if not self.enabled:
+            return dict.fromkeys(RESOURCES)
         now, cpu = time.perf_counter(), self._cpu_seconds()
         wall = now - self.last[0]
         util = (cpu - self.last[1]) / wall / self.cores if wall > 0 else None

@@ -4,6 +4,7 @@ resources of ``observe.breakdown``), the exporters and the alert rules."""
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from pathlib import Path
@@ -11,7 +12,23 @@ from pathlib import Path
 FILES = ("metrics.jsonl", "ranks.jsonl")
 
 
+def build_recorder(cfg, run_dir: Path, enabled: bool) -> "Recorder":
+    """Rank 0's recorder with the configured alert rules and exporters; other ranks' records nothing."""
+    if not enabled:
+        return Recorder(run_dir, enabled=False)
+    from scaletrain.observe.alerts import AlertEngine, build_sinks, parse_rules
+    from scaletrain.observe.exporters import build_exporters
+
+    alerts = AlertEngine(parse_rules(cfg.alerts), build_sinks(run_dir, cfg.logging.alert_webhook or None))
+    values = dataclasses.asdict(cfg.logging)
+    exporters = build_exporters(values, run_dir, alerts.severities(), wandb_config=cfg.to_dict())
+    return Recorder(run_dir, enabled=True, exporters=exporters, alerts=alerts)
+
+
 class Recorder:
+    """Writes the records; on each, evaluates the alert rules (their sinks:
+    the log, alerts.jsonl, a webhook) and feeds the exporters."""
+
     def __init__(self, run_dir: Path, enabled: bool, exporters: list | None = None, alerts=None):
         self.run_dir, self.enabled = run_dir, enabled
         self.exporters, self.alerts = exporters or [], alerts
@@ -28,7 +45,10 @@ class Recorder:
             return
         self.files["metrics.jsonl"].write(json.dumps(record) + "\n")
         self.files["ranks.jsonl"].write("".join(json.dumps(row) + "\n" for row in rows))
-        firing = self.alerts.observe(record, now) if self.alerts is not None else []
+        firing = {}
+        if self.alerts is not None:
+            self.alerts.observe(record, now)
+            firing = self.alerts.firing()
         for exporter in self.exporters:
             exporter.write(record, rows, firing)
 
@@ -50,6 +70,8 @@ class Recorder:
         self.close_files()
         for exporter in self.exporters:
             exporter.close()
+        if self.alerts is not None:
+            self.alerts.close()
 
 
 def truncate_jsonl(path: Path, step: int) -> None:

@@ -10,6 +10,7 @@ before the run directory or any worker exists, so bad input writes nothing.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import io
 import json
 import os
@@ -25,6 +26,7 @@ from scaletrain.checkpoint.paths import check_checkpoint_paths
 from scaletrain.config import Config, load_config
 from scaletrain.data import prepare_corpus
 from scaletrain.errors import UserError
+from scaletrain.observe.exporters import check_exporters
 from scaletrain.parallel.dims import ParallelDims, check_offload
 from scaletrain.parallel.runtime import init_runtime, run_local, shutdown, under_launcher
 from scaletrain.train.checks import check_data, grad_accum_steps, resolve_vocab
@@ -50,6 +52,7 @@ def prepare_run(cfg: Config, world_size: int, run_dir: Path | None,
     corpus = prepare_corpus(cfg.data)
     cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
     check_data(cfg, corpus)
+    check_exporters(dataclasses.asdict(cfg.logging))
     run_dir = run_dir or default_run_dir()
     check_run_dir(run_dir)
     for lock in run_locks(cfg, run_dir):

@@ -31,7 +31,7 @@ from scaletrain.model import Llama, cross_entropy_loss, train_flops_per_token
 from scaletrain.observe.breakdown import (ResourceSampler, StepTimer, find_stragglers, from_vector, mean_phases,
                                           to_vector)
 from scaletrain.observe.events import append_event
-from scaletrain.observe.recorder import Recorder
+from scaletrain.observe.recorder import Recorder, build_recorder
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
 from scaletrain.parallel.runtime import Runtime, all_gather_single, bind_training_thread
 from scaletrain.train import report
@@ -39,7 +39,7 @@ from scaletrain.train.checks import check_data, grad_accum_steps, resolve_vocab
 from scaletrain.train.display import ProgressDisplay
 from scaletrain.train.health import APPLY, ROLLBACK, STOP, StepGuard
 from scaletrain.train.measure import StepProbe
-from scaletrain.train.metrics import device_peak_flops, mem_peak_bytes
+from scaletrain.train.metrics import device_peak_flops, mem_peak_bytes, memory_limit_bytes
 from scaletrain.train.optim import build_scheduler
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -101,7 +101,8 @@ class Trainer:
                                                  self.dims.degrees())
         self.resumed_from = self._restore()
         self.faults = FaultInjector(cfg.debug.inject_fault, runtime.rank, runtime.device)
-        self.timer, self.resources = StepTimer(runtime.device), ResourceSampler(runtime.device)
+        self.timer = StepTimer(runtime.device, cfg.logging.breakdown)
+        self.resources = ResourceSampler(runtime.device, cfg.logging.breakdown)
         self.interval_steps: list[dict] = []  # phase times of the steps since the last logged one
         self.watchdog: Watchdog | None = None
         if runtime.distributed and cfg.debug.hang_timeout > 0:
@@ -109,6 +110,7 @@ class Trainer:
         self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(runtime.device, cfg.training.dtype)
+        self.mem_limit_bytes = memory_limit_bytes(runtime.device)
         bind_training_thread(runtime)  # after every process group and helper thread exists
 
     def _restore(self) -> str | None:
@@ -269,7 +271,7 @@ class Trainer:
                 print(f"[rank0] nothing to do: resumed at step {self.step} of training.steps = "
                       f"{cfg.training.steps} ({self.resumed_from})", file=sys.stderr)
             return None
-        recorder = Recorder(self.run_dir, enabled=main)
+        recorder = build_recorder(cfg, self.run_dir, enabled=main)
         display = ProgressDisplay(cfg.training.steps, enabled=show_progress and main,
                                   line_every=max(cfg.logging.interval, cfg.training.steps // 10))
         records, start = [], time.perf_counter()
@@ -374,6 +376,7 @@ class Trainer:
             all_gather_single(gathered, local)
             values = gathered.view(self.runtime.world_size, -1).tolist()
             rows = [from_vector(v, self.step, r) for r, v in enumerate(values)]
+        record.update(self._health_fields())
         if stragglers := find_stragglers(rows, self.cfg.debug.straggler_factor):
             record["stragglers"] = stragglers
             if self.runtime.is_main:
@@ -381,6 +384,18 @@ class Trainer:
                     f"rank {s['rank']} {s['ratio']:.1f}x the median data+forward time" for s in stragglers)),
                     file=sys.stderr)
         recorder.log(record, rows, time.time())
+
+    def _health_fields(self) -> dict:
+        """What the built-in alerts read besides the step's numbers: the memory
+        limit, failed saves since the last log, ranks without a heartbeat."""
+        out = {"mem_limit_bytes": self.mem_limit_bytes}
+        if self.checkpoints is not None and self.checkpoints.failures:
+            out["checkpoint_failed"] = True
+            self.checkpoints.failures.clear()
+        if self.watchdog is not None and self.runtime.is_main:
+            if missing := self.watchdog.missing_ranks():
+                out["missing_ranks"] = missing
+        return out
 
     def _finish(self, records: list[dict], elapsed: float) -> dict:
         """The summary and the final files (the full state gathering is a collective)."""
