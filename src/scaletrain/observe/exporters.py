@@ -193,6 +193,8 @@ class WandbExporter:
         import wandb
 
         self.run_dir = Path(run_dir)
+        self.run_dir.mkdir(parents=True, exist_ok=True)
+        self.wandb = wandb
         self.run = wandb.init(mode="offline", dir=str(self.run_dir), project=project, name=name,
                               config=dict(config or {}),
                               settings=wandb.Settings(console="off", silent=True))
@@ -202,6 +204,10 @@ class WandbExporter:
 
     def close(self) -> None:
         self.run.finish()
+        # finish() returns once the run is marked done, but W&B's service
+        # process may still hold buffered records; teardown waits for it, so
+        # the offline run is complete on disk when close returns.
+        self.wandb.teardown()
 
 
 def _require(module: str, key: str) -> None:
