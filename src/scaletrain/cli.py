@@ -104,7 +104,9 @@ def checkpoint_export(path: Path, to: str = typer.Option("hf", "--to", help="Tar
                       zero_stage: int = typer.Option(2, "--zero-stage", help="--to deepspeed: ZeRO stage (1-3) of "
                                                      "the DeepSpeed run that loads it."),
                       world_size: int = typer.Option(1, "--world-size", help="--to deepspeed: its data-parallel "
-                                                     "ranks.")) -> None:
+                                                     "ranks."),
+                      bf16: Optional[bool] = typer.Option(None, "--bf16/--no-bf16", help="--to deepspeed: whether "
+                                                          "it trains in bf16 (default: as this run did).")) -> None:
     """Write a checkpoint's weights and tokenizer as a HF Transformers LlamaForCausalLM folder, or
     (--to deepspeed) weights and optimizer states as a DeepSpeed ZeRO checkpoint."""
     from scaletrain.checkpoint.hf import export_hf
@@ -112,7 +114,7 @@ def checkpoint_export(path: Path, to: str = typer.Option("hf", "--to", help="Tar
     if to == "deepspeed":
         from scaletrain.checkpoint.deepspeed_convert import export_deepspeed
 
-        done = export_deepspeed(path, out, zero_stage, world_size, force)
+        done = export_deepspeed(path, out, zero_stage, world_size, force, bf16)
         print(f"wrote {done}; load it in DeepSpeed with engine.load_checkpoint({str(done)!r})")
         return
     if to != "hf":

@@ -239,7 +239,7 @@ def _zero3_partitions(names: list[str], tensors: dict[str, torch.Tensor], world:
 
 
 def write_deepspeed(out_dir: Path, state: DeepSpeedState, groups: list[tuple[list[str], float]], hyper: dict,
-                    shapes: dict[str, torch.Size]) -> Path:
+                    shapes: dict[str, torch.Size], bf16: bool = False) -> Path:
     """A ZeRO-``state.zero_stage`` checkpoint for ``state.world_size`` ranks under
     ``out_dir/global_step<step>``. ``groups``: (parameter names, weight decay)
     in the order the DeepSpeed run builds its optimizer groups; ``hyper``: lr, betas, eps."""
@@ -264,9 +264,10 @@ def write_deepspeed(out_dir: Path, state: DeepSpeedState, groups: list[tuple[lis
     else:
         module = OrderedDict((n, state.params[n].detach().clone()) for n in order)
         torch.save({"module": module, **common}, folder / MODEL_STATES)
+    prefix = "bf16_" if bf16 else ""  # the name a bf16 DeepSpeed run looks for
     for r, rank_state in enumerate(_optim_states(state, groups, hyper)):
         torch.save({"optimizer_state_dict": rank_state, "ds_config": state.ds_config,
-                    "ds_version": DS_FORMAT_VERSION}, folder / OPTIM_STATES.format(r))
+                    "ds_version": DS_FORMAT_VERSION}, folder / (prefix + OPTIM_STATES.format(r)))
     (out_dir / "latest").write_text(tag)
     return folder
 

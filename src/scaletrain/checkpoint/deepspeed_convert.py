@@ -150,7 +150,10 @@ def _load_scaletrain(ckpt_dir: Path) -> tuple[Config, Llama, dict[str, torch.Ten
     return cfg, model, tensors, info
 
 
-def export_deepspeed(ckpt_dir: Path, out_dir: Path, zero_stage: int, world_size: int, force: bool = False) -> Path:
+def export_deepspeed(ckpt_dir: Path, out_dir: Path, zero_stage: int, world_size: int, force: bool = False,
+                     bf16: bool | None = None) -> Path:
+    """``bf16``: whether the DeepSpeed run trains in bf16 (it then reads ``bf16_``-named optimizer
+    files); default: as the scaletrain run did."""
     if zero_stage not in (1, 2, 3):
         raise UserError(f"--zero-stage {zero_stage}; allowed: 1, 2, 3")
     if world_size < 1:
@@ -163,8 +166,9 @@ def export_deepspeed(ckpt_dir: Path, out_dir: Path, zero_stage: int, world_size:
         raise UserError(f"{ckpt_dir} holds weights only (no optimizer states); export it with --to hf instead")
     t = cfg.training
     # For the record (DeepSpeed runs with its own config): the batch this checkpoint was trained with.
+    bf16 = t.dtype == "bf16" if bf16 is None else bf16
     ds_config = {"train_batch_size": t.global_batch_size, "gradient_clipping": t.grad_clip,
-                 "zero_optimization": {"stage": zero_stage}}
+                 "zero_optimization": {"stage": zero_stage}, "bf16": {"enabled": bf16}}
     state = DeepSpeedState(
         step=int(info["step"]), zero_stage=zero_stage, world_size=world_size,
         params={n: tensors[f"model.{n}"] for n in names},
@@ -176,5 +180,5 @@ def export_deepspeed(ckpt_dir: Path, out_dir: Path, zero_stage: int, world_size:
     hyper = {"lr": lr_at(state.step, t), "betas": (t.beta1, t.beta2), "eps": 1e-8}
     shapes = {n: p.shape for n, p in model.named_parameters()}
     out_dir.mkdir(parents=True, exist_ok=True)
-    write_deepspeed(out_dir, state, _groups(model, t.weight_decay), hyper, shapes)
+    write_deepspeed(out_dir, state, _groups(model, t.weight_decay), hyper, shapes, bf16)
     return out_dir
