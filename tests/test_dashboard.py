@@ -11,6 +11,7 @@ import json
 import os
 import re
 import select
+import signal
 import socket
 import subprocess
 import sys
@@ -193,6 +194,16 @@ def start_dashboard(run_dirs: list[Path], timeout_s: float = 30) -> tuple[subpro
         proc.kill()
         raise AssertionError(f"no URL within {timeout_s}s: {line!r} {proc.communicate(timeout=10)[1]}")
     return proc, re.search(r"http://\S+", line).group(0)
+
+
+def test_sigterm_stops_the_server_with_exit_0(tmp_path):
+    write_jsonl(tmp_path / "metrics.jsonl", [{"step": 1, "loss": 1.0}])
+    proc, url = start_dashboard([tmp_path])
+    proc.send_signal(signal.SIGTERM)  # at once: possibly before uvicorn has its own handlers
+    try:
+        assert proc.wait(timeout=15) == 0, proc.stderr.read()
+    finally:
+        proc.kill()
 
 
 def launch_chromium(playwright):

@@ -22,8 +22,10 @@ from __future__ import annotations
 import json
 import math
 import os
+import signal
 import socket
 import threading
+import time
 import tomllib
 from array import array
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -171,15 +173,16 @@ class Run:
         self.streams = {name: JsonlTail(path / file) for name, file in STREAMS.items()}
 
     def info(self) -> dict:
-        metrics = self.path / STREAMS["metrics"]
-        updated = metrics.stat().st_mtime if metrics.exists() else None
-        return {"name": self.path.name, "path": str(self.path), "state": self.state(), "updated": updated}
+        # Seconds since metrics.jsonl last grew, by the server's clock (a remote browser's may differ).
+        written_at = _mtime(self.path / STREAMS["metrics"])
+        idle_s = None if written_at is None else time.time() - written_at
+        return {"name": self.path.name, "path": str(self.path), "state": self.state(), "idle_s": idle_s}
 
     def state(self) -> str:
         """finished / stopped early / hung / running / incomplete."""
         summary = read_json(self.path / "summary.json")
-        hang = self.path / "hang_report.json"
-        if hang.exists() and (summary is None or hang.stat().st_mtime >= (self.path / "summary.json").stat().st_mtime):
+        hang_at, summary_at = _mtime(self.path / "hang_report.json"), _mtime(self.path / "summary.json")
+        if hang_at is not None and (summary is None or hang_at >= (summary_at or 0)):  # a resumed run's hang is old
             return "hung"
         if summary is not None:
             return "stopped early" if summary.get("stopped_early") else "finished"
@@ -193,6 +196,13 @@ class Run:
         return {**self.info(), "summary": read_json(self.path / "summary.json"), "config": config_text,
                 "hang_report": read_json(self.path / "hang_report.json"),
                 "checkpoints": [self.checker.describe(s, p) for s, p in step_dirs(root)]}
+
+
+def _mtime(path: Path) -> float | None:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return None
 
 
 def _checkpoint_root(run_dir: Path, config_text: str | None) -> Path:
@@ -349,9 +359,13 @@ def serve(run_dirs: list[Path], host: str = "127.0.0.1", port: int = 8050) -> in
         run_dirs = [Path("runs")]
     runs = RunSet(run_dirs)
     sock = bind(host, port)
+    server = uvicorn.Server(uvicorn.Config(make_app(runs), log_level="warning", access_log=False))
+    # Ctrl-C and SIGTERM stop the server gracefully, exit 0, also when they come before uvicorn
+    # installs its own handlers (it re-raises the signal to these after its shutdown).
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda signum, frame: setattr(server, "should_exit", True))
     shown = f"[{host}]" if ":" in host else host
     print(f"dashboard of {len(runs.runs)} run(s) on http://{shown}:{sock.getsockname()[1]}/ (Ctrl-C stops it)",
           flush=True)
-    server = uvicorn.Server(uvicorn.Config(make_app(runs), log_level="warning", access_log=False))
     server.run(sockets=[sock])
     return 0

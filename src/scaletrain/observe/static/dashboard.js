@@ -354,6 +354,7 @@ function renderTables(run) {
   table("summary", ["key", "value"], summary.map(([k, v]) =>
     ({cells: [k, typeof v === "object" && v !== null ? JSON.stringify(v).slice(0, 160) : fmt(v)]})),
   "no summary yet (written when the run ends)");
+  document.getElementById("config").textContent = status.config ?? "no config.toml";
   renderHang(status.hang_report);
 }
 
@@ -371,12 +372,13 @@ function renderHang(report) {
 function renderRuns() {
   const header = document.getElementById("runs"), select = document.getElementById("focus");
   header.replaceChildren(...runs.map(run => {
-    const steps = [...run.metrics.keys()];
-    const skipped = [...run.metrics.values()].filter(r => r.skipped).length;
+    let last = null, skipped = 0;
+    for (const r of run.metrics.values()) { last = Math.max(last ?? r.step, r.step); skipped += r.skipped ? 1 : 0; }
+    const idle = run.info.state === "running" && run.info.idle_s != null ? ` · written ${fmt(Math.round(run.info.idle_s))} s ago` : "";
     return el("span", {class: "run-tag", title: run.info.path},
       el("span", {class: "swatch", style: `background:${run.color}`}), run.info.name,
       el("span", {class: `state ${run.info.state.split(" ")[0]}`}, run.info.state),
-      steps.length ? `step ${Math.max(...steps)}` : "no steps yet", skipped ? ` · ${skipped} skipped` : "");
+      last == null ? "no steps yet" : `step ${last}`, skipped ? ` · ${skipped} skipped` : "", idle);
   }));
   if (select.options.length !== runs.length) {
     select.replaceChildren(...runs.map(run => el("option", {value: run.index}, run.info.name)));
