@@ -154,6 +154,17 @@ def test_launch_bad_input_writes_nothing(tmp_path, args, needle):
         assert list(tmp_path.iterdir()) == []
 
 
+def test_slurm_submit_errors_write_nothing(tmp_path, monkeypatch):
+    args = ["launch", "slurm", "--config", str(REPO / "configs" / "debug.toml"), "--gpus-per-node", "1",
+            "--run-dir", str(tmp_path / "run")]
+    proc = cli(args + ["--dry-run", "--submit"])
+    assert proc.returncode == 2 and "exclude each other" in proc.stderr
+    monkeypatch.setenv("PATH", str(tmp_path / "nothing-here"))
+    proc = cli(args + ["--submit"])
+    assert proc.returncode == 2 and "sbatch is not on PATH" in proc.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 # -- Kubernetes -------------------------------------------------------------------
 
 def manifest(tmp_path, *args):

@@ -64,6 +64,8 @@ def slurm(
             raise UserError("--dry-run and --submit exclude each other")
         print(script, end="")
         return
+    if submit:
+        slurm_mod.require_sbatch()  # before anything is written
     path = out or job_dir / "slurm.sbatch"
     (job_dir / "logs").mkdir(parents=True, exist_ok=True)  # Slurm opens --output before the script runs
     path.parent.mkdir(parents=True, exist_ok=True)

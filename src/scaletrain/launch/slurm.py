@@ -207,10 +207,15 @@ exit "$STATUS"
 """
 
 
+def require_sbatch() -> None:
+    if shutil.which("sbatch") is None:
+        raise UserError("--submit: sbatch is not on PATH (run on a Slurm login node, or drop --submit to only "
+                        "write the script)")
+
+
 def submit(path: Path) -> str:
     """``sbatch --parsable``; returns the job id."""
-    if shutil.which("sbatch") is None:
-        raise UserError(f"sbatch is not on PATH; the script is written: submit {path} from a Slurm login node")
+    require_sbatch()
     proc = subprocess.run(["sbatch", "--parsable", str(path)], capture_output=True, text=True, timeout=60)
     if proc.returncode != 0:
         message = (proc.stderr or proc.stdout).strip().splitlines() or [f"exit {proc.returncode}"]
