@@ -176,7 +176,7 @@ while kill -0 "$STEP_PID" 2>/dev/null; do wait "$STEP_PID"; STATUS=$?; done
 
 
 def _paired(args: list[str]) -> list[str]:
-    """Quoted arguments, one flag and its value per line; the command name with its first flag."""
+    """Quoted arguments for the script: ``-m scaletrain train`` on one line, then a flag and its value per line."""
     lines, i = [" ".join(map(shlex.quote, args[:3]))], 3
     while i < len(args):
         lines.append(" ".join(map(shlex.quote, args[i:i + 2])))
