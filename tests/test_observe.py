@@ -183,6 +183,9 @@ def test_message_template_and_value(tmp_path):
                                        "message": "loss {loss:.2f} at lr {lr}"}], builtins=False), [sink])
     [event] = [e for r in (record(1, loss=1.0), record(2, loss=2.5)) for e in engine.observe(r, now=0.0)]
     assert (event.message, event.value) == ("loss 2.50 at lr 0.001", 2.5)
+    rule = parse_rules([{"name": "v", "expr": "loss > 1", "message": "val {val_loss:.2f}, mfu {mfu:.1%}"}],
+                       builtins=False)[0]
+    assert rule.describe([record(1)], None) == "val None, mfu None"  # absent or None: no crash, no fake number
 
 
 def test_a_raising_sink_is_reported_once_and_the_others_still_get_events(capsys):
@@ -430,3 +433,20 @@ def test_wandb_offline_run_holds_the_history(tmp_path):
         elif message.WhichOneof("record_type") == "run":
             assert (message.run.project, message.run.display_name) == ("scaletrain", "run-7")
     assert history == [(5, 3.0, 2560), (10, 2.5, 5120)]
+
+
+def test_a_resumed_run_neither_repeats_nor_forgets_firing_alerts(tmp_path):
+    before = [record(s) for s in range(1, 21)] + [record(21, missing_ranks=[1]), record(22, step_time_s=0.9)]
+    first = AlertEngine(parse_rules([]), build_sinks(tmp_path))
+    run(first, before)
+    first.close()  # stops here: heartbeat_missing resolved, step_time_regression still firing
+    again = AlertEngine(parse_rules([]), build_sinks(tmp_path))
+    again.restore(tmp_path / "alerts.jsonl", before)
+    assert again.firing()["step_time_regression"] == 1 and again.firing()["heartbeat_missing"] == 0
+    assert run(again, [record(23, step_time_s=0.9)]) == []  # no second "firing"
+    assert run(again, [record(24)]) == [("step_time_regression", "resolved", 24)]
+    rows = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
+    assert [(r["name"], r["state"]) for r in rows[-2:]] == [("step_time_regression", "firing"),
+                                                          ("step_time_regression", "resolved")]
+    assert rows[-1]["message"] == rows[-2]["message"] == \
+        "step time 0.9 s is over 1.5x the median of the last 50 records"

@@ -26,11 +26,13 @@ off (``{name = "straggler", enabled = false}``).
 from __future__ import annotations
 
 import difflib
+import json
 import math
 import re
 import string
 from collections import deque
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Mapping, Sequence
 
 from scaletrain.errors import UserError, warn
@@ -83,10 +85,11 @@ class Rule:
         record; the expression itself where the rule has no message."""
         if not self.message:
             return self.expr.source if value is None else f"{self.expr.source} (value {_render(value)})"
-        names = {k: _Rendered(v) for k, v in {**EVENT_DEFAULTS, **history[-1]}.items()}
+        names = _Fields({k: _Rendered(v) for k, v in {**EVENT_DEFAULTS, **history[-1]}.items()})
+        names["value"] = _Rendered(value)
         try:
-            return self.message.format_map({**names, "value": _Rendered(value)})
-        except (KeyError, ValueError, TypeError):  # e.g. {loss:.3f} when loss is None
+            return self.message.format_map(names)
+        except (ValueError, TypeError):  # a spec that fits no value; the template still says what fired
             return self.message
 
 
@@ -166,6 +169,11 @@ def _check_template(where: str, message: str) -> None:
                             f"allowed: {{value}} and the record fields {', '.join(sorted(allowed - {'value'}))}")
 
 
+class _Fields(dict):
+    def __missing__(self, key: str) -> "_Rendered":
+        return _Rendered(None)  # a field this record lacks prints as None
+
+
 class _Rendered:
     """A template value: lists of rank entries print as their rank numbers,
     and a format spec that does not fit the value falls back to str()."""
@@ -211,6 +219,27 @@ class AlertEngine:
         for event in events:
             self._send(event)
         return events
+
+    def restore(self, path: str | Path, records: Sequence[Mapping] = ()) -> None:
+        """Carry an earlier run in this run directory across a resume: the
+        window refills from its ``records`` (metrics.jsonl up to the resumed
+        step), and its firing alerts (``alerts.jsonl`` at ``path``) stay firing,
+        so one still true is not announced again and one that cleared
+        meanwhile gets its resolved event."""
+        self.history.extend(records)
+        if not Path(path).exists():
+            return
+        last: dict[str, dict] = {}
+        for line in Path(path).read_text().splitlines():
+            try:
+                row = json.loads(line)
+            except json.JSONDecodeError:  # a line cut short by a crash
+                continue
+            if isinstance(row, dict) and row.get("name") in self.states:
+                last[row["name"]] = row
+        for name, row in last.items():
+            if row.get("state") == "firing":
+                self.states[name] = _State(firing=True, message=str(row.get("message", "")))
 
     def firing(self) -> dict[str, int]:
         """Every rule's name -> 1 while it fires, else 0 (for the exporters)."""
