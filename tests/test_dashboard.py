@@ -153,6 +153,16 @@ def test_a_run_that_appears_in_a_watched_folder_is_appended(tmp_path):
     assert [(r["name"], r["state"]) for r in listed] == [("r1", "incomplete"), ("r0", "running")]
 
 
+def test_an_empty_folder_is_watched_until_a_run_fills_it(tmp_path):
+    from fastapi.testclient import TestClient
+
+    client = TestClient(make_app(RunSet([tmp_path])))
+    assert client.get("/api/runs").json() == []
+    (tmp_path / "config.toml").write_text("[training]\nsteps = 2\n")
+    assert [r["name"] for r in client.get("/api/runs").json()] == [tmp_path.name]
+    assert "steps = 2" in client.get("/api/runs/0/status").json()["config"]
+
+
 # ---- bad input -----------------------------------------------------------------
 @pytest.fixture
 def busy_port():

@@ -259,13 +259,13 @@ class RunSet:
             raise UserError(f"RUN_DIR {path} is a file, not a run directory")
         if is_run_dir(path):
             self._add_run(path)
-        elif children := _child_runs(path):
+        elif _child_runs(path) or not any(path.iterdir()):
+            # A folder of runs (like runs/), or an empty one a run is about to fill: watched.
             self.roots.append(path)
-            for child in children:
-                self._add_run(child)
+            self._scan(path)
         else:
             raise UserError(f"RUN_DIR {path} is not a scaletrain run directory (none of "
-                            f"{', '.join(RUN_MARKERS)}) and holds none")
+                            f"{', '.join(RUN_MARKERS)}), holds none and is not empty")
 
     def _add_run(self, path: Path) -> None:
         resolved = path.resolve()
@@ -273,11 +273,14 @@ class RunSet:
             self._known.add(resolved)
             self.runs.append(Run(path, self._checker))
 
+    def _scan(self, root: Path) -> None:
+        for run in [root] if is_run_dir(root) else _child_runs(root):
+            self._add_run(run)
+
     def current(self) -> list[Run]:
         with self._lock:
             for root in self.roots:
-                for child in _child_runs(root):
-                    self._add_run(child)
+                self._scan(root)
             return list(self.runs)
 
     def get(self, index: int) -> Run:
