@@ -12,7 +12,7 @@ from scaletrain.config import load_config
 from scaletrain.data.tokenizer import ByteTokenizer
 from scaletrain.model import Llama
 from scaletrain.serve.engine import Engine, EngineConfig, run_to_completion
-from scaletrain.serve.kv_cache import BlockManager, KVCache, block_hashes
+from scaletrain.serve.kv_cache import BlockManager, KVCache, RowKV, block_hashes
 from scaletrain.serve.sampling import SamplingParams, sample
 
 MAX_TOKENS = 12
@@ -27,11 +27,13 @@ def model() -> Llama:
 
 
 def make_engine(model, num_blocks=512, block_size=4, max_num_seqs=16, max_batch_tokens=256, prefix_caching=True,
-                eos_id=None, vocab_limit=None) -> Engine:
+                eos_id=None, vocab_limit=None, attention="rows") -> Engine:
     cfg = model.cfg
-    cache = KVCache(cfg.n_layers, num_blocks, block_size, cfg.n_kv_heads, cfg.dim // cfg.n_heads, torch.float32)
+    shape = (cfg.n_kv_heads, cfg.dim // cfg.n_heads, torch.float32)
+    cache = KVCache(cfg.n_layers, num_blocks, block_size, *shape)
+    rows = RowKV(cfg.n_layers, max_num_seqs, cfg.max_seq_len, *shape) if attention == "rows" else None
     return Engine(model, cache, EngineConfig(num_blocks, block_size, max_num_seqs, max_batch_tokens, prefix_caching),
-                  eos_id, ByteTokenizer().decode, vocab_limit)
+                  eos_id, ByteTokenizer().decode, vocab_limit, rows=rows)
 
 
 @torch.no_grad()
@@ -57,31 +59,37 @@ def reference(model) -> dict:
     return {"prompts": prompts, "outputs": [full_forward_greedy(model, p, MAX_TOKENS) for p in prompts]}
 
 
-def test_batch_of_16_with_chunked_prefill_and_preemption_equals_full_forward(model, reference):
+ATTENTION = pytest.mark.parametrize("attention", ["rows", "gather"])
+
+
+@ATTENTION
+def test_batch_of_16_with_chunked_prefill_and_preemption_equals_full_forward(model, reference, attention):
     # 40 blocks of 4 tokens cannot hold 16 sequences of up to 121 tokens: preemptions.
-    engine = make_engine(model, num_blocks=40, max_batch_tokens=32)
+    engine = make_engine(model, num_blocks=40, max_batch_tokens=32, attention=attention)
     assert run_to_completion(engine, reference["prompts"], MAX_TOKENS) == reference["outputs"]
     assert engine.scheduler.stats.preemptions > 0
     assert max(map(len, reference["prompts"])) > 32  # some prompts were prefilled in chunks
     assert engine.blocks.usage() == 0.0 and not engine.has_work()
 
 
-def test_each_request_alone_equals_the_batch(model, reference):
+@ATTENTION
+def test_each_request_alone_equals_the_batch(model, reference, attention):
     for prompt, expected in list(zip(reference["prompts"], reference["outputs"]))[:6]:
-        assert run_to_completion(make_engine(model), [prompt], MAX_TOKENS) == [expected]
-    batched = make_engine(model)
+        assert run_to_completion(make_engine(model, attention=attention), [prompt], MAX_TOKENS) == [expected]
+    batched = make_engine(model, attention=attention)
     assert run_to_completion(batched, reference["prompts"], MAX_TOKENS) == reference["outputs"]
     assert batched.scheduler.stats.preemptions == 0
 
 
-def test_prefix_cache_hits_give_the_same_tokens(model, reference):
-    engine = make_engine(model)
+@ATTENTION
+def test_prefix_cache_hits_give_the_same_tokens(model, reference, attention):
+    engine = make_engine(model, attention=attention)
     run_to_completion(engine, reference["prompts"][1:2], MAX_TOKENS)  # fills the shared prefix's blocks
     hits_before = engine.scheduler.stats.prefix_hits
     assert run_to_completion(engine, reference["prompts"], MAX_TOKENS) == reference["outputs"]
     # Every prompt with the 40-token prefix (8 of 16) hit at least its 10 full blocks.
     assert engine.scheduler.stats.prefix_hits - hits_before >= 8 * 40
-    uncached = make_engine(model, prefix_caching=False)
+    uncached = make_engine(model, prefix_caching=False, attention=attention)
     assert run_to_completion(uncached, reference["prompts"], MAX_TOKENS) == reference["outputs"]
     assert uncached.scheduler.stats.prefix_hits == 0
 

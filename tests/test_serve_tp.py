@@ -29,7 +29,9 @@ def complete(srv, prompt: str) -> str:
 
 
 def test_tp2_greedy_equals_tp1_and_sigterm_stops_every_rank(run_dir):
-    srv = ServerProcess(str(run_dir), ["--tp", "2", "--served-model-name", "tiny", "--block-size", "8"])
+    # The gather attention path here (the API tests use the row cache).
+    srv = ServerProcess(str(run_dir), ["--tp", "2", "--served-model-name", "tiny", "--block-size", "8",
+                                       "--attention", "gather"])
     try:
         workers = psutil.Process(srv.proc.pid).children()
         assert len(workers) == 1

@@ -31,13 +31,16 @@ def serve(
     no_prefix_caching: bool = typer.Option(False, "--no-prefix-caching", help="Turn prefix caching off."),
     grace: float = typer.Option(30.0, "--grace", help="Seconds in-flight requests get to finish on SIGTERM."),
     threads: Optional[int] = typer.Option(None, "--threads", help="torch threads per process (default: torch's)."),
+    attention: str = typer.Option("auto", "--attention", help="CPU attention: rows (a contiguous K/V row per "
+                                  "running sequence, no per-step gather), gather (copy blocks every step), or "
+                                  "auto (rows where max-num-seqs full contexts fit in memory)."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (continuous batching, paged KV cache, prefix caching)."""
     from scaletrain.serve.server import ServeOptions, serve as run
 
     opts = ServeOptions(model, host, port, tp, dtype, max_num_seqs, max_batch_tokens, kv_cache_tokens,
                         kv_cache_bytes, block_size, api_key, served_model_name, max_queue, not no_prefix_caching,
-                        grace, threads)
+                        grace, threads, attention)
     raise typer.Exit(run(opts))
 
 

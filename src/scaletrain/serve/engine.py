@@ -18,8 +18,8 @@ from typing import Callable
 
 import torch
 
-from scaletrain.serve.kv_cache import BlockManager, KVCache
-from scaletrain.serve.runner import StepBatch, build_batch, forward
+from scaletrain.serve.kv_cache import BlockManager, KVCache, RowKV
+from scaletrain.serve.runner import SeqWork, StepBatch, build_batch, forward
 from scaletrain.serve.sampling import SamplingParams, TokenLogprobs, make_generator, sample
 from scaletrain.serve.scheduler import Scheduler, Sequence
 
@@ -63,15 +63,17 @@ class _Choice:
 
 class Engine:
     def __init__(self, model, cache: KVCache, cfg: EngineConfig, eos_id: int | None, decode: Callable,
-                 vocab_limit: int | None = None, execute: Callable[[StepBatch], torch.Tensor] | None = None):
+                 vocab_limit: int | None = None, execute: Callable[[StepBatch], torch.Tensor] | None = None,
+                 rows: RowKV | None = None):
         """decode: token ids -> text. vocab_limit: logits at or past it (embedding
         rows the tokenizer never produces) are never sampled. execute: runs
-        one forward (TP: on every rank); default the local model."""
+        one forward (TP: on every rank); default the local model. rows: a
+        row cache with max_num_seqs rows (attention without a per-step gather)."""
         self.model, self.cache, self.cfg, self.eos_id, self.decode = model, cache, cfg, eos_id, decode
-        self.vocab_limit = vocab_limit
-        self.execute = execute or (lambda batch: forward(model, cache, batch))
+        self.vocab_limit, self.rows = vocab_limit, rows
+        self.execute = execute or (lambda batch: forward(model, cache, batch, rows))
         self.blocks = BlockManager(cfg.num_blocks, cfg.block_size, cfg.prefix_caching)
-        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_batch_tokens)
+        self.scheduler = Scheduler(self.blocks, cfg.max_num_seqs, cfg.max_batch_tokens, rows is not None)
         self.choices: dict[Sequence, _Choice] = {}
         self.by_request: dict[str, list[_Choice]] = {}
         self._ids = itertools.count()
@@ -117,13 +119,16 @@ class Engine:
         work = []
         for seq, n in scheduled:
             start = seq.num_computed
-            work.append((seq.tokens[start:start + n], start, seq.blocks, start + n == len(seq.tokens)))
+            fill = start if seq.row is not None and not seq.row_filled else 0
+            seq.row_filled = True
+            work.append(SeqWork(seq.tokens[start:start + n], start, seq.blocks, start + n == len(seq.tokens),
+                                seq.row, fill))
         logits = self.execute(build_batch(work, self.cfg.block_size))  # (S, vocab)
         if self.vocab_limit is not None and self.vocab_limit < logits.shape[-1]:
             logits[:, self.vocab_limit:] = float("-inf")
         for seq, n in scheduled:
             self.scheduler.computed(seq, n)
-        sampled = [seq for (seq, _), w in zip(scheduled, work) if w[3]]
+        sampled = [seq for (seq, _), w in zip(scheduled, work) if w.sample]
         if not sampled:
             return []
         tokens, logprobs = sample(logits, [s.params for s in sampled], [s.generator for s in sampled])

@@ -120,3 +120,38 @@ class KVCache:
         """k, v: (N, kv_heads, head_dim) for the N new tokens at ``slots`` (N,), slot = block * block_size + offset."""
         self.k[layer].view(-1, *k.shape[1:]).index_copy_(0, slots, k)
         self.v[layer].view(-1, *v.shape[1:]).index_copy_(0, slots, v)
+
+
+class RowKV:
+    """A contiguous row of keys and values per running sequence: (n_layers,
+    rows, kv_heads, max_len, head_dim) each, head-major so that a row's
+    first L positions are (kv_heads, L, head_dim) as SDPA reads them. The CPU
+    stand-in for a paged-attention kernel (see runner.py): a copy of what the
+    sequence's blocks hold, filled once when it is admitted and appended to
+    every step, so attention reads a view instead of gathering blocks."""
+
+    def __init__(self, n_layers: int, rows: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype):
+        shape = (n_layers, rows, kv_heads, max_len, head_dim)
+        self.k = torch.zeros(shape, dtype=dtype)
+        self.v = torch.zeros(shape, dtype=dtype)
+
+    @staticmethod
+    def nbytes(n_layers: int, rows: int, max_len: int, kv_heads: int, head_dim: int, dtype: torch.dtype) -> int:
+        return rows * max_len * KVCache.bytes_per_token(n_layers, kv_heads, head_dim, dtype)
+
+    def write(self, layer: int, rows: torch.Tensor, positions: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> None:
+        """k, v: (N, kv_heads, head_dim) of the N new tokens at (rows, positions) (N,) each."""
+        self.k[layer, rows, :, positions] = k
+        self.v[layer, rows, :, positions] = v
+
+    def fill(self, layer: int, row: int, cache: KVCache, blocks: list[int], n_tokens: int) -> None:
+        """Copy the first ``n_tokens`` of a sequence's blocks into its row."""
+        index = torch.tensor(blocks)
+        k = cache.k[layer].index_select(0, index).flatten(0, 1)[:n_tokens]  # (n_tokens, kv_heads, head_dim)
+        v = cache.v[layer].index_select(0, index).flatten(0, 1)[:n_tokens]
+        self.k[layer, row, :, :n_tokens] = k.transpose(0, 1)
+        self.v[layer, row, :, :n_tokens] = v.transpose(0, 1)
+
+    def keys_values(self, layer: int, start: int, stop: int, length: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Views of rows start..stop-1, first ``length`` positions: (rows, kv_heads, length, head_dim) each."""
+        return self.k[layer, start:stop, :, :length], self.v[layer, start:stop, :, :length]

@@ -19,6 +19,7 @@ the prefix cache, so the recompute often hits.
 
 from __future__ import annotations
 
+import heapq
 import time
 from collections import deque
 from dataclasses import dataclass, field
@@ -43,6 +44,8 @@ class Sequence:
     scheduled_s: float | None = None  # first admitted to the running batch
     preemptions: int = 0
     cached_tokens: int = 0  # prompt tokens served from the prefix cache at first admission
+    row: int | None = None  # its row in the row cache while running (runner.py)
+    row_filled: bool = False  # its cached / recomputed tokens were copied into the row
 
     @property
     def num_output(self) -> int:
@@ -57,8 +60,10 @@ class SchedulerStats:
 
 
 class Scheduler:
-    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batch_tokens: int):
+    def __init__(self, blocks: BlockManager, max_num_seqs: int, max_batch_tokens: int, rows: bool = False):
         self.blocks, self.max_num_seqs, self.max_batch_tokens = blocks, max_num_seqs, max_batch_tokens
+        # Row-cache rows of running sequences, lowest first so the rows in use stay packed.
+        self.free_rows: list[int] | None = list(range(max_num_seqs)) if rows else None
         self.waiting: deque[Sequence] = deque()
         self.running: list[Sequence] = []
         self.stats = SchedulerStats()
@@ -123,6 +128,8 @@ class Scheduler:
             seq.cached_tokens = len(cached) * bs
         seq.blocks, seq.hashes = cached + fresh, hashes[:len(cached)]
         seq.num_computed = len(cached) * bs
+        if self.free_rows is not None:
+            seq.row, seq.row_filled = heapq.heappop(self.free_rows), False
         if seq.scheduled_s is None:
             seq.scheduled_s = time.monotonic()
         return n
@@ -142,6 +149,7 @@ class Scheduler:
     def preempt(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.blocks.release(seq.blocks)
+        self._free_row(seq)
         seq.blocks, seq.hashes, seq.num_computed = [], [], 0
         seq.preemptions += 1
         self.stats.preemptions += 1
@@ -154,4 +162,10 @@ class Scheduler:
         elif seq in self.waiting:
             self.waiting.remove(seq)
         self.blocks.release(seq.blocks)
+        self._free_row(seq)
         seq.blocks = []
+
+    def _free_row(self, seq: Sequence) -> None:
+        if seq.row is not None:
+            heapq.heappush(self.free_rows, seq.row)
+            seq.row = None

@@ -41,6 +41,7 @@ class ServeOptions:
     prefix_caching: bool = True
     grace_s: float = 30.0
     threads: int | None = None
+    attention: str = "auto"  # rows, gather, or auto (rows where they fit in memory)
 
 
 def check_options(opts: ServeOptions) -> None:
@@ -50,7 +51,8 @@ def check_options(opts: ServeOptions) -> None:
               (opts.block_size >= 1, f"--block-size {opts.block_size}: must be at least 1"),
               (opts.max_queue >= 1, f"--max-queue {opts.max_queue}: must be at least 1"),
               (0 <= opts.port < 65536, f"--port {opts.port}: must be in 0..65535"),
-              (not (opts.kv_cache_tokens and opts.kv_cache_bytes), "give --kv-cache-tokens or --kv-cache-bytes, not both")]
+              (not (opts.kv_cache_tokens and opts.kv_cache_bytes), "give --kv-cache-tokens or --kv-cache-bytes, not both"),
+              (opts.attention in ("auto", "rows", "gather"), f"--attention {opts.attention!r}; allowed: auto, rows, gather")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -86,19 +88,36 @@ def kv_blocks(opts: ServeOptions, cfg, tp: int) -> int:
     return blocks
 
 
-def build_engine(opts: ServeOptions, loaded, execute=None, tp: int = 1):
+def use_rows(opts: ServeOptions, cfg, tp: int) -> bool:
+    """--attention auto: a row cache where max-num-seqs full contexts fit in
+    the default KV memory budget; otherwise attention gathers blocks each step."""
+    if opts.attention != "auto":
+        return opts.attention == "rows"
+    import psutil
+
+    from scaletrain.serve.kv_cache import RowKV
+    from scaletrain.serve.loader import DTYPES
+
+    need = RowKV.nbytes(cfg.n_layers, opts.max_num_seqs, cfg.max_seq_len, cfg.n_kv_heads // tp,
+                        cfg.dim // cfg.n_heads, DTYPES[opts.dtype])
+    return need <= psutil.virtual_memory().available * DEFAULT_KV_MEMORY_FRACTION / tp
+
+
+def build_engine(opts: ServeOptions, loaded, execute=None, tp: int = 1, rows: bool = False):
     from scaletrain.serve.engine import Engine, EngineConfig
-    from scaletrain.serve.kv_cache import KVCache
+    from scaletrain.serve.kv_cache import KVCache, RowKV
     from scaletrain.serve.loader import DTYPES
 
     cfg = loaded.model.cfg
     num_blocks = kv_blocks(opts, cfg, tp)
-    cache = KVCache(cfg.n_layers, num_blocks, opts.block_size, cfg.n_kv_heads // tp, cfg.dim // cfg.n_heads,
-                    DTYPES[opts.dtype])
+    shape = (cfg.n_kv_heads // tp, cfg.dim // cfg.n_heads, DTYPES[opts.dtype])
+    cache = KVCache(cfg.n_layers, num_blocks, opts.block_size, *shape)
+    row_cache = RowKV(cfg.n_layers, opts.max_num_seqs, cfg.max_seq_len, *shape) if rows else None
     engine_cfg = EngineConfig(num_blocks, opts.block_size, opts.max_num_seqs, opts.max_batch_tokens,
                               opts.prefix_caching)
     vocab_limit = min(loaded.tokenizer.vocab_size, cfg.vocab_size)
-    return Engine(loaded.model, cache, engine_cfg, loaded.eos_id, loaded.tokenizer.decode, vocab_limit, execute)
+    return Engine(loaded.model, cache, engine_cfg, loaded.eos_id, loaded.tokenizer.decode, vocab_limit, execute,
+                  row_cache)
 
 
 def serve(opts: ServeOptions) -> int:
@@ -108,17 +127,19 @@ def serve(opts: ServeOptions) -> int:
     if opts.threads:
         torch.set_num_threads(opts.threads)
     loaded = load_model(Path(opts.model), opts.dtype)  # a bad MODEL fails before any worker starts
+    if opts.tp > 1:
+        check_tp(loaded.model.cfg, opts.tp)
+    kv_blocks(opts, loaded.model.cfg, opts.tp)  # a KV cache too small fails before any worker starts
+    opts.attention = "rows" if use_rows(opts, loaded.model.cfg, opts.tp) else "gather"  # one choice for every rank
     workers = None
     if opts.tp > 1:
         from scaletrain.serve import tp as tp_mod
 
-        check_tp(loaded.model.cfg, opts.tp)
-        kv_blocks(opts, loaded.model.cfg, opts.tp)
         workers = tp_mod.Workers.start(opts)
         tp_mod.shard(loaded.model, workers.mesh)
-    engine = build_engine(opts, loaded, tp=opts.tp)
+    engine = build_engine(opts, loaded, tp=opts.tp, rows=opts.attention == "rows")
     if workers is not None:
-        engine.execute = workers.executor(loaded.model, engine.cache)
+        engine.execute = workers.executor(loaded.model, engine.cache, engine.rows)
     return _run_http(opts, loaded, engine, workers)
 
 
@@ -160,7 +181,8 @@ def _run_http(opts: ServeOptions, loaded, engine, workers) -> int:
         signal.signal(sig, lambda signum, frame: received.append(signum))
     cfg = loaded.model.cfg
     print(f"serving {name} ({loaded.checkpoint}; {cfg.n_layers} layers, dim {cfg.dim}, context {cfg.max_seq_len}, "
-          f"tp {opts.tp}, KV cache {engine.cfg.num_blocks} blocks x {engine.cfg.block_size} tokens) "
+          f"tp {opts.tp}, KV cache {engine.cfg.num_blocks} blocks x {engine.cfg.block_size} tokens, attention "
+          f"{opts.attention}) "
           f"on http://{opts.host}:{opts.port}", flush=True)
     try:
         server.run()

@@ -75,12 +75,12 @@ class Workers:
             raise
         return workers
 
-    def executor(self, model, cache):
+    def executor(self, model, cache, rows):
         from scaletrain.serve.runner import forward
 
         def execute(batch):
             dist.broadcast_object_list([batch], src=0)
-            return forward(model, cache, batch)
+            return forward(model, cache, batch, rows)
 
         return execute
 
@@ -144,13 +144,13 @@ def worker_main(rank: int, world: int, spec: dict) -> int:
     mesh = _init(rank, world, port)
     loaded = load_model(Path(opts.model), opts.dtype)
     shard(loaded.model, mesh)
-    cache = build_engine(opts, loaded, tp=world).cache
+    engine = build_engine(opts, loaded, tp=world, rows=opts.attention == "rows")
     while True:
         message = [None]
         dist.broadcast_object_list(message, src=0)
         if message[0] is None:
             break
-        forward(loaded.model, cache, message[0])
+        forward(loaded.model, engine.cache, message[0], engine.rows)
     dist.destroy_process_group()
     return 0
 
