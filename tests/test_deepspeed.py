@@ -10,6 +10,7 @@ import json
 import math
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 import pytest
@@ -64,6 +65,25 @@ def test_config_import_deepspeed(tmp_path):
                    "train_batch_sise is not a DeepSpeed setting scaletrain knows (did you mean 'train_batch_size'?)"):
         assert sum(needle in w for w in warnings) == 1, (needle, warnings)
     assert len(warnings) == 4
+
+
+def test_config_import_deepspeed_hf_auto_values(tmp_path):
+    """HF Trainer's DeepSpeed configs say "auto" for what it fills in: each is a warning, the value stays."""
+    ds = tmp_path / "ds.json"
+    ds.write_text(json.dumps({"train_micro_batch_size_per_gpu": "auto", "gradient_clipping": "auto",
+                              "bf16": {"enabled": "auto"}, "zero_optimization": {"stage": 2},
+                              "optimizer": {"type": "AdamW", "params": {"lr": "auto"}},
+                              "scheduler": {"type": "WarmupLR", "params": {"warmup_num_steps": "auto"}}}))
+    proc = run_cli(["config", "import-deepspeed", str(ds)], timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    default = load_config()
+    cfg = tomllib.loads(proc.stdout)
+    assert cfg["parallel"]["zero_stage"] == 2
+    assert cfg["training"]["dtype"] == default.training.dtype
+    assert cfg["training"]["warmup_steps"] == default.training.warmup_steps
+    warned = [line.split(" = ")[0].removeprefix("warning: ") for line in proc.stderr.splitlines()]
+    assert warned == ["train_micro_batch_size_per_gpu", "bf16.enabled", "optimizer.params.lr",
+                      "scheduler.params.warmup_num_steps", "gradient_clipping"]
 
 
 def test_config_import_deepspeed_batch_from_world_size_and_bad_input(tmp_path):

@@ -35,6 +35,13 @@ def _is_auto(value: Any) -> bool:
     return isinstance(value, str) and value == "auto"
 
 
+def _without_auto(where: str, params: dict, warn: Warn) -> dict:
+    """HF Trainer's DeepSpeed configs say "auto" where it fills values in at run time; those stay as they are."""
+    for key in sorted(k for k, v in params.items() if _is_auto(v)):
+        warn(f"{where}.{key} = \"auto\" (filled in by HF Trainer at run time) is not carried over")
+    return {k: v for k, v in params.items() if not _is_auto(v)}
+
+
 def _batch(ds: dict, world_size: int | None, out: Overrides, warn: Warn) -> None:
     """DeepSpeed: train_batch_size = micro x accumulation x data-parallel ranks."""
     micro, accum, total = (ds.get(k) for k in ("train_micro_batch_size_per_gpu", "gradient_accumulation_steps",
@@ -81,7 +88,11 @@ def _zero(ds: dict, out: Overrides, warn: Warn) -> None:
 
 
 def _precision(ds: dict, out: Overrides, warn: Warn) -> None:
-    bf16, fp16 = ds.get("bf16") or ds.get("bfloat16") or {}, dict(ds.get("fp16") or {})
+    bf16, fp16 = dict(ds.get("bf16") or ds.get("bfloat16") or {}), dict(ds.get("fp16") or {})
+    for name, section in (("bf16", bf16), ("fp16", fp16)):
+        if _is_auto(section.get("enabled")):
+            warn(f"{name}.enabled = \"auto\" (filled in by HF Trainer at run time) is not carried over")
+            section["enabled"] = False
     if bf16.get("enabled") and fp16.get("enabled"):
         raise UserError("the DeepSpeed config enables both bf16 and fp16; DeepSpeed refuses that too")
     if bf16.get("enabled"):
@@ -128,7 +139,7 @@ def _scheduler(ds: dict, out: Overrides, warn: Warn, base_lr: float) -> None:
     scheduler = ds.get("scheduler")
     if not scheduler:
         return
-    kind, params = scheduler.get("type"), scheduler.get("params") or {}
+    kind, params = scheduler.get("type"), _without_auto("scheduler.params", scheduler.get("params") or {}, warn)
     if "warmup_num_steps" in params:
         out["training.warmup_steps"] = params["warmup_num_steps"]
     if kind == "WarmupLR":
@@ -156,10 +167,11 @@ def _scheduler(ds: dict, out: Overrides, warn: Warn, base_lr: float) -> None:
 
 
 def _rest(ds: dict, out: Overrides, warn: Warn) -> None:
-    if "gradient_clipping" in ds:
-        out["training.grad_clip"] = ds["gradient_clipping"]
-    if "steps_per_print" in ds:
-        out["logging.interval"] = ds["steps_per_print"]
+    for key, target in (("gradient_clipping", "training.grad_clip"), ("steps_per_print", "logging.interval")):
+        if key in ds and _is_auto(ds[key]):
+            warn(f"{key} = \"auto\" (filled in by HF Trainer at run time) is not carried over")
+        elif key in ds:
+            out[target] = ds[key]
     if tp := (ds.get("tensor_parallel") or {}).get("autotp_size"):
         out["parallel.tp"] = tp
     if ds.get("activation_checkpointing"):
