@@ -140,7 +140,8 @@ def _build_rule(name: str, table: Mapping, where: str) -> Rule:
     try:
         expr = compile_expr(table["expr"], NUMERIC_FIELDS, LIST_FIELDS, EVENT_DEFAULTS)
     except ExprError as exc:
-        raise UserError(f"{where}: expr {table['expr']!r}: {exc}") from None
+        shown = table["expr"] if len(str(table["expr"])) <= 80 else f"{str(table['expr'])[:77]}..."
+        raise UserError(f"{where}: expr {shown!r}: {exc}") from None
     severity = table.get("severity", "warning")
     if severity not in SEVERITIES:
         raise UserError(f"{where}: severity must be one of {', '.join(SEVERITIES)}, got {severity!r}")

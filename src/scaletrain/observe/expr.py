@@ -90,12 +90,14 @@ def compile_expr(source: str, numeric_fields: set[str], list_fields: set[str],
     """Parse and check ``source``; raise :class:`ExprError` on anything outside the whitelist."""
     if not isinstance(source, str) or not source.strip():
         raise ExprError("expr must be a non-empty string")
+    checker = _Checker(numeric_fields, list_fields)
     try:
         tree = ast.parse(source.strip(), mode="eval").body
+        checker.check(tree)
     except SyntaxError as exc:
         raise ExprError(f"syntax error at column {exc.offset}: {exc.msg}") from None
-    checker = _Checker(numeric_fields, list_fields)
-    checker.check(tree)
+    except RecursionError:
+        raise ExprError("expression is nested too deeply") from None
     return Expression(source.strip(), tree, frozenset(checker.fields), checker.window, dict(defaults or {}))
 
 
