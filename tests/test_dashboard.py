@@ -260,6 +260,9 @@ def test_page_shows_the_runs_and_a_new_step_without_a_reload(runs):
             assert "skipped_step" in page.locator("#events").inner_text()
             assert page.locator("#hang").is_hidden()
 
+            # A user's zoom survives new steps.
+            page.evaluate("window.dashboard.charts.loss.plot.setScale('x', {min: 1, max: 3})")
+
             # Half a line first: nothing changes, nothing breaks; the finished line appears.
             step5 = {**metric_rows(a)[-1], "step": 5, "val_loss": 5.0,
                      "stragglers": [{"rank": SLOW_RANK, "forward_s": 0.3, "ratio": 2.0}]}
@@ -276,6 +279,9 @@ def test_page_shows_the_runs_and_a_new_step_without_a_reload(runs):
             page.wait_for_function(f"window.dashboard.heatmapCells() === {RANKS * 5}")
             assert page.evaluate("window.dashboard.points('loss')") == {"A · loss": 5, "A · val_loss": 1, "B · loss": 3}
             assert f"step 5: rank {SLOW_RANK} (2x)" in page.locator("#stragglers").inner_text()
+            zoom = page.evaluate("(({min, max}) => [min, max])(window.dashboard.charts.loss.plot.scales.x)")
+            assert zoom == [1, 3]
+            assert page.evaluate("window.dashboard.charts.lr.plot.scales.x.max") == 5
 
             page.select_option("#focus", "1")
             assert page.locator("#hang").is_visible()

@@ -92,7 +92,8 @@ function clearStream(run, name) {
 
 function addRows(run, name, rows) {
   if (name === "metrics") {
-    // A step logged twice (a val_loss line, a re-run after rollback) merges; the later value wins.
+    // A step logged twice (e.g. a separate val_loss line) merges; the later value wins. A rollback
+    // rewrites the file, which restarts the stream instead.
     for (const r of rows) {
       run.metrics.set(r.step, {...run.metrics.get(r.step), ...r});
       for (const [k, v] of Object.entries(r)) if (v != null) run.fields.add(k);
@@ -209,16 +210,24 @@ function renderCharts() {
     const data = chartData(series, xs);
     const signature = series.map(s => s.label).join("|");
     if (!charts[spec.id] || charts[spec.id].signature !== signature) {
-      charts[spec.id]?.plot.destroy();
+      const old = charts[spec.id]?.plot, zoom = old && isZoomed(old) && {min: old.scales.x.min, max: old.scales.x.max};
+      old?.destroy();
       charts[spec.id] = {plot: makeChart(spec, series, data), signature};
+      if (zoom) charts[spec.id].plot.setScale("x", zoom);
     } else {
-      charts[spec.id].plot.setData(data);
+      const plot = charts[spec.id].plot;
+      plot.setData(data, !isZoomed(plot)); // new steps keep a user's zoom (drag to zoom, double-click resets)
     }
     const card = document.getElementById(`chart-${spec.id}`);
     const total = data.slice(1).reduce((n, ys) => n + ys.filter(y => y != null).length, 0);
     card.dataset.points = total;
     card.querySelector(".note").textContent = total === 0 && data[0].length ? (spec.empty || "no values logged") : "";
   }
+}
+
+function isZoomed(plot) {
+  const xs = plot.data[0], {min, max} = plot.scales.x;
+  return xs.length > 1 && (min > xs[0] || max < xs[xs.length - 1]);
 }
 
 function points(chartId) {
@@ -400,7 +409,7 @@ function render() {
   for (const r of runs) r.changed = false;
 }
 
-window.dashboard = {runs, ticks: 0, points, heatmapCells: () => heat.cells, heatmapHottest: () => heat.hottest};
+window.dashboard = {runs, charts, ticks: 0, points, heatmapCells: () => heat.cells, heatmapHottest: () => heat.hottest};
 document.getElementById("breakdown-legend").append(...PHASES.map(([, name, color]) =>
   el("span", {}, el("span", {class: "swatch", style: `background:${color}`}), ` ${name}`)));
 const heatSelect = document.getElementById("heat-field");
