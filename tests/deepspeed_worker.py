@@ -34,8 +34,16 @@ def run_job(job: dict) -> None:
     assert t.warmup_steps == 0 and t.min_lr == t.lr, "the worker trains at a constant learning rate"
     dataset = check_data(cfg, corpus)
     sampler = DistributedBatchSampler(dataset.n_sequences, t.global_batch_size, rank, world, t.seed)
-    model = Llama(cfg.model)
-    model.init_weights(t.seed)
+    if job.get("hf"):  # HF Transformers' LlamaForCausalLM of the same shape, as many DeepSpeed users train
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        from scaletrain.checkpoint.hf import hf_config
+
+        torch.manual_seed(t.seed)
+        model = LlamaForCausalLM(LlamaConfig(**hf_config(cfg.model)))
+    else:
+        model = Llama(cfg.model)
+        model.init_weights(t.seed)
     params = [p for p in model.parameters()]
     groups = [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
               {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}]
@@ -49,7 +57,9 @@ def run_job(job: dict) -> None:
 
     def step() -> float:
         x, y = dataset.batch(sampler.next_batch())
-        loss = F.cross_entropy(engine(x).flatten(0, 1).float(), y.flatten())
+        logits = engine(x)
+        logits = getattr(logits, "logits", logits)  # HF models return an output object
+        loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())
         engine.backward(loss)
         engine.step()
         mean = loss.detach().clone()

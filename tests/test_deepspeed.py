@@ -178,6 +178,9 @@ def test_deepspeed_both_ways(tmp_path, scaletrain_run, debug_config):
     jobs.append({"config": str(debug_config), "overrides": RECIPE, "zero_stage": 1, "bf16": True,
                  "load_dir": str(tmp_path / "export_bf16"), "continue_steps": STEPS - SAVED,
                  "out": str(tmp_path / "load_bf16.json")})
+    # A HF Transformers Llama trained under ZeRO-3: its module names are HF's.
+    jobs.append({"config": str(debug_config), "overrides": RECIPE, "zero_stage": 3, "hf": True, "steps": 2,
+                 "continue_steps": 0, "save_dir": str(tmp_path / "hf"), "out": str(tmp_path / "hf.json")})
     (tmp_path / "jobs.json").write_text(json.dumps(jobs))
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node=2",
            str(REPO / "tests" / "deepspeed_worker.py"), str(tmp_path / "jobs.json")]
@@ -197,6 +200,7 @@ def test_deepspeed_both_ways(tmp_path, scaletrain_run, debug_config):
         assert ours.keys() == theirs.keys()
         for name, tensor in theirs.items():
             torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=f"{saved} {name}")
+    _check_hf_import(tmp_path, debug_config)
     cases = {}
     for stage in (1, 2, 3):
         trained = json.loads((tmp_path / f"ds{stage}.json").read_text())["losses"]
@@ -216,3 +220,19 @@ def test_deepspeed_both_ways(tmp_path, scaletrain_run, debug_config):
         assert [m["step"] for m in run.metrics] == list(range(SAVED + 1, STEPS + 1))
         torch.testing.assert_close(torch.tensor(run.losses), torch.tensor(continued), rtol=1e-5, atol=1e-6)
         assert read_run(run.run_dir).summary["resumed_from"].endswith(f"imported{stage}")
+
+
+def _check_hf_import(tmp_path, debug_config):
+    """The imported HF-named checkpoint computes HF's logits (from DeepSpeed's own consolidation)."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from scaletrain.checkpoint.hf import hf_config, load_checkpoint_model
+
+    done, _ = import_deepspeed(tmp_path / "hf", tmp_path / "imported_hf", load_config(debug_config, RECIPE))
+    cfg, ours = load_checkpoint_model(done)
+    theirs = LlamaForCausalLM(LlamaConfig(**hf_config(cfg.model)))
+    theirs.load_state_dict(get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "hf")))
+    tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        torch.testing.assert_close(ours(tokens), theirs(input_ids=tokens).logits, rtol=1e-4, atol=1e-5)
