@@ -13,7 +13,7 @@ PUBLIC_KEYS = {
     "data": ["source", "format", "text_field", "tokenizer", "bpe_vocab_size", "seq_len", "cache_dir"],
     "training": ["steps", "global_batch_size", "micro_batch_size", "lr", "warmup_steps", "min_lr",
                  "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype", "activation_checkpointing",
-                 "compile", "on_nonfinite", "max_bad_steps", "spike_zscore", "spike_window"],
+                 "compile", "on_nonfinite", "max_bad_steps", "spike_zscore", "spike_window", "on_oom"],
     "parallel": ["dp_replicate", "dp_shard", "tp", "pp", "zero_stage", "sequence_parallel", "pp_schedule",
                  "pp_microbatches", "pp_virtual_stages", "cpu_offload", "ddp_bucket_cap_mb"],
     "checkpoint": ["enable", "dir", "interval", "keep_last", "async", "resume", "init_from", "on_error"],

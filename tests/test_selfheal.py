@@ -171,10 +171,10 @@ def test_hang_with_a_frozen_rank_ends_the_job_promptly(tmp_path, debug_config):
         took = time.time() - stopped_at
     finally:
         proc.kill()
-    assert code == 3
+    assert code == 3, proc.stderr.read()[-3000:]
     assert took <= timeout + 10, f"the job took {took:.1f}s to end after the hang (hang_timeout {timeout}s)"
     report = json.loads((run_dir / "hang_report.json").read_text())
-    assert len(report["suspect_ranks"]) == 1 and "frozen" in report["likely_cause"]
+    assert len(report["suspect_ranks"]) == 1 and "frozen" in report["likely_cause"], report["likely_cause"]
     assert [e["kind"] for e in read_events(run_dir)] == ["hang"]
     alerts = [json.loads(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
     assert [(a["name"], a["severity"], a["value"]) for a in alerts] == [("hang", "critical", report["suspect_ranks"])]
@@ -218,3 +218,34 @@ def test_built_in_alerts_fire_through_fault_injection_and_reach_the_webhook(tmp_
     hooked = {(e["name"], e["state"]) for e in received}
     assert hooked == fired and all("text" in e for e in received)  # Slack-compatible bodies
     assert "alert FIRING [critical] nonfinite" in proc.stderr
+
+
+def test_oom_overrides_order():
+    from scaletrain.train.health import apply_recoveries, oom_overrides
+
+    cfg = load_config(None, ["training.micro_batch_size=4", "training.global_batch_size=8"])
+    assert oom_overrides(cfg) == ["training.micro_batch_size=2"]
+    first = load_config(None, ["training.micro_batch_size=4", "training.on_oom=checkpointing"])
+    assert oom_overrides(first) == ["training.activation_checkpointing=full"]
+    odd = load_config(None, ["training.micro_batch_size=1", "training.global_batch_size=8"])
+    assert oom_overrides(odd) == ["training.activation_checkpointing=full"]
+    assert oom_overrides(load_config(None, ["training.on_oom=stop"])) is None
+    events = [{"kind": "oom_recovery", "overrides": ["training.micro_batch_size=2"]}] * 2  # two ranks, one cure
+    assert apply_recoveries(cfg, events).training.micro_batch_size == 2
+
+
+def test_out_of_memory_restarts_with_half_the_micro_batch(tmp_path, debug_config):
+    common = [*SMALL, "training.steps=6", "checkpoint.interval=2"]
+    plain = run_cli(["train", "--config", str(debug_config), "--nproc", "2", "--run-dir", str(tmp_path / "plain"),
+                     *sets(*common)], timeout=120)
+    assert plain.returncode == 0, plain.stderr
+    run_dir = tmp_path / "oom"
+    proc = run_cli(["train", "--config", str(debug_config), "--nproc", "2", "--max-restarts", "1", "--run-dir",
+                    str(run_dir), *sets(*common, "debug.inject_fault=oom:1:3")], timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    assert "OutOfMemoryError" in proc.stderr and "recovery: training.micro_batch_size=1" in proc.stderr
+    assert [e["kind"] for e in read_events(run_dir)] == ["oom_recovery", "restart"]
+    run, reference = read_run(run_dir), read_run(tmp_path / "plain")
+    assert run.summary["grad_accum_steps"] == 2 * reference.summary["grad_accum_steps"]
+    torch.testing.assert_close(torch.tensor(run.losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-6)
+    assert_same_params(run.params, reference.params)

@@ -100,6 +100,10 @@ class TrainingConfig:
                                   "spike_window steps is a spike, handled as on_nonfinite says; 0 = off",
                              minimum=0.0)
     spike_window: int = _f(50, "steps of loss history for spike detection", minimum=2)
+    on_oom: str = _f("micro_batch", "after an out-of-memory error the job restarts from its last checkpoint "
+                                    "with: 'micro_batch' halved (accumulation doubled, same global batch) and "
+                                    "then activation checkpointing on; 'checkpointing' on first, then halving; "
+                                    "or 'stop'", ("micro_batch", "checkpointing", "stop"))
 
 
 PP_SCHEDULES = ("gpipe", "1f1b", "interleaved_1f1b", "interleaved_zb", "zbv")
@@ -152,7 +156,8 @@ class DebugConfig:
                              minimum=0.0)
     inject_fault: str = _f("", "fault injection for testing the hang diagnosis: KIND:RANK:STEP with KIND one of "
                               "extra_collective, fewer_batches, swallow_exception, sleep, kill, slow, raise (an uncaught error), "
-                              "nan (a NaN loss); several separated by commas; empty = none")
+                              "nan (a NaN loss), oom (an out-of-memory error while the micro batch is > 1); several separated "
+                              "by commas; empty = none")
     straggler_factor: float = _f(1.5, "a rank whose step time exceeds the median by this factor is reported "
                                       "as a straggler (checked every logging.interval steps); 0 = off",
                                  minimum=0.0)
@@ -321,7 +326,18 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     return cfg
 
 
-FAULT_KINDS = ("extra_collective", "fewer_batches", "swallow_exception", "sleep", "kill", "slow", "raise", "nan")
+def apply_overrides(cfg: Config, overrides: list[str]) -> Config:
+    """``cfg`` with ``section.key=value`` overrides applied (typed and validated as --set's)."""
+    for item in overrides:
+        section, key, value = parse_override(item)
+        cfg = dataclasses.replace(cfg, **{section: dataclasses.replace(getattr(cfg, section),
+                                                                       **{_FIELD_FOR_KEY.get(key, key): value})})
+    validate(cfg)
+    return cfg
+
+
+FAULT_KINDS = ("extra_collective", "fewer_batches", "swallow_exception", "sleep", "kill", "slow", "raise", "nan",
+               "oom")
 
 
 def parse_fault(text: str) -> tuple[str, int, int]:

@@ -53,6 +53,13 @@ class FaultInjector:
             return True
         return False
 
+    def oom(self, step: int, micro_batch_size: int) -> None:
+        """``oom:RANK:STEP``: an out-of-memory error in that step's forward, as
+        long as the micro batch is above 1 (halving it is the cure)."""
+        if self._now(step, "oom") and micro_batch_size > 1:
+            raise torch.OutOfMemoryError(f"injected out of memory on rank {self.rank} at step {step} "
+                                         f"(micro batch {micro_batch_size})")
+
     def last_step(self, steps: int) -> int:
         """``fewer_batches:RANK:STEP``: this rank's data runs out one batch early."""
         return min([at - 1 for kind, at in self.mine if kind == "fewer_batches"] + [steps])

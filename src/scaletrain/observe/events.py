@@ -14,8 +14,9 @@ from pathlib import Path
 EVENTS_FILE = "events.jsonl"
 
 
-def append_event(run_dir: Path, kind: str, step: int, rank: int, detail: str) -> None:
-    line = json.dumps({"time": time.time(), "step": step, "kind": kind, "rank": rank, "detail": detail}) + "\n"
+def append_event(run_dir: Path, kind: str, step: int, rank: int, detail: str, **extra) -> None:
+    line = json.dumps({"time": time.time(), "step": step, "kind": kind, "rank": rank, "detail": detail,
+                       **extra}) + "\n"
     try:
         fd = os.open(run_dir / EVENTS_FILE, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
     except OSError:  # an unwritable run directory already reports itself elsewhere

@@ -57,3 +57,24 @@ class StepGuard:
             self.consecutive = 0
             return (ROLLBACK if self.on_nonfinite == "rollback" else STOP), why
         return SKIP, why
+
+
+def oom_overrides(cfg) -> list[str] | None:
+    """What the next attempt changes after an out-of-memory error, as
+    ``section.key=value`` overrides (absolute values, so applying them twice
+    changes nothing), or None when nothing is left to try (or on_oom = stop).
+    Halving the micro batch doubles the accumulation: the global batch and
+    the data order stay the same."""
+    t = cfg.training
+    halve = [f"training.micro_batch_size={t.micro_batch_size // 2}"] if t.micro_batch_size % 2 == 0 else []
+    checkpoint = ["training.activation_checkpointing=full"] if t.activation_checkpointing != "full" else []
+    order = {"micro_batch": halve or checkpoint, "checkpointing": checkpoint or halve, "stop": []}
+    return order[t.on_oom] or None
+
+
+def apply_recoveries(cfg, events: list[dict]):
+    """``cfg`` with the overrides of every earlier out-of-memory recovery of this run."""
+    from scaletrain.config import apply_overrides
+
+    overrides = [o for e in events if e.get("kind") == "oom_recovery" for o in e.get("overrides", [])]
+    return apply_overrides(cfg, overrides) if overrides else cfg

@@ -233,12 +233,29 @@ def _report_failure(runtime, trainer, run_dir: Path | None, exc: BaseException) 
     announced to the others so that they stop now."""
     log = log_traceback(run_dir, runtime.rank, exc)
     line = failure_line(runtime.rank, trainer.where() if trainer else "during start-up", exc, log)
+    if isinstance(exc, torch.OutOfMemoryError) and trainer is not None:
+        line += _plan_oom_recovery(trainer)
     watchdog = trainer.watchdog if trainer is not None else None
     if watchdog is not None and is_communication_error(exc):
         watchdog.on_failure(exc)  # names a dead or out-of-step peer (exits 3), else returns
     elif watchdog is not None:
         watchdog.announce_failure(line)
     print(f"error: {line}", file=sys.stderr, flush=True)
+
+
+def _plan_oom_recovery(trainer) -> str:
+    """Record in events.jsonl what the next attempt changes (the trainer
+    applies it at start: an elastic restart, or the same command rerun)."""
+    from scaletrain.observe.events import append_event
+    from scaletrain.train.health import oom_overrides
+
+    overrides = oom_overrides(trainer.cfg)
+    if overrides is None:
+        return f"; no out-of-memory recovery left (training.on_oom = {trainer.cfg.training.on_oom})"
+    append_event(trainer.run_dir, "oom_recovery", trainer.phase[0], trainer.runtime.rank,
+                 f"out of memory; next attempt: {', '.join(overrides)}", overrides=overrides)
+    return (f"; recovery: {', '.join(overrides)} from the last checkpoint (restarted with --max-restarts, "
+            "or when the same command is run again)")
 
 
 def stop_with_parent() -> None:

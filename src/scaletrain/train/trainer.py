@@ -30,14 +30,14 @@ from scaletrain.debug.watchdog import Watchdog
 from scaletrain.model import Llama, cross_entropy_loss, train_flops_per_token
 from scaletrain.observe.breakdown import (ResourceSampler, StepTimer, find_stragglers, from_vector, mean_phases,
                                           to_vector)
-from scaletrain.observe.events import append_event
+from scaletrain.observe.events import append_event, read_events
 from scaletrain.observe.recorder import Recorder, build_recorder
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
 from scaletrain.parallel.runtime import Runtime, all_gather_single, bind_training_thread
 from scaletrain.train import report
 from scaletrain.train.checks import check_data, grad_accum_steps, resolve_vocab
 from scaletrain.train.display import ProgressDisplay
-from scaletrain.train.health import APPLY, ROLLBACK, STOP, StepGuard
+from scaletrain.train.health import APPLY, ROLLBACK, STOP, StepGuard, apply_recoveries
 from scaletrain.train.measure import StepProbe
 from scaletrain.train.metrics import device_peak_flops, mem_peak_bytes, memory_limit_bytes
 from scaletrain.train.optim import build_scheduler
@@ -48,6 +48,7 @@ AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime, show_progress: bool = True):
         self.runtime, self.run_dir = runtime, run_dir
+        cfg = apply_recoveries(cfg, read_events(run_dir))  # an earlier attempt ran out of memory
         self.dims = ParallelDims.from_config(cfg.parallel, runtime.world_size)
         self.accum = grad_accum_steps(cfg, self.dims)
         self.pp_microbatches = pipeline_microbatches(cfg) if self.dims.pp > 1 else 1
@@ -180,6 +181,7 @@ class Trainer:
                 # Gradients are reduced once, on the last micro-step.
                 with self.model.gradient_sync(micro == self.accum - 1):
                     with self.timer.phase("forward_s"):
+                        self.faults.oom(self.step + 1, t.micro_batch_size)
                         loss = self._loss_fn(self.model(inputs), targets)
                         if self.faults.nan_loss(self.step + 1):
                             loss = loss * float("nan")
