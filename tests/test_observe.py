@@ -119,7 +119,9 @@ def test_builtins_can_be_disabled_and_changed_by_name():
     assert set(rules) == {"nonfinite", "heartbeat_missing", "checkpoint_failed", "step_time_regression"}
     changed = rules["step_time_regression"]
     assert (changed.for_steps, changed.severity) == (5, "info")
-    assert "median(step_time_s, 50)" in changed.expr.source
+    assert "median(step_time_s, 50)" in changed.expr.source and "1.5x" in changed.message
+    [own] = parse_rules([{"name": "step_time_regression", "expr": "step_time_s > 2 * mean(step_time_s, 9)"}])[-1:]
+    assert (own.severity, own.message) == ("warning", "")  # the built-in's message described its own expr
 
 
 @pytest.mark.parametrize("table,expected", [
@@ -453,4 +455,4 @@ def test_a_resumed_run_neither_repeats_nor_forgets_firing_alerts(tmp_path):
     assert [(r["name"], r["state"]) for r in rows[-2:]] == [("step_time_regression", "firing"),
                                                           ("step_time_regression", "resolved")]
     assert rows[-1]["message"] == rows[-2]["message"] == \
-        "step time 0.9 s is over 1.5x the median of the last 50 records"
+        "step time 0.9 s is over 1.5x the median of the last 50 logged steps"

@@ -67,7 +67,7 @@ BUILTIN_RULES: dict[str, dict] = {
                           "message": "checkpoint save failed"},
     "step_time_regression": {"expr": "count(step_time_s, 50) >= 10 and step_time_s > 1.5 * median(step_time_s, 50)",
                              "severity": "warning",
-                             "message": "step time {value:.3g} s is over 1.5x the median of the last 50 records"},
+                             "message": "step time {value:.3g} s is over 1.5x the median of the last 50 logged steps"},
 }
 
 
@@ -119,7 +119,10 @@ def parse_rules(raw: Sequence[Mapping] | None, builtins: bool = True) -> list[Ru
             continue
         if name not in tables and "expr" not in table:
             raise UserError(f"{where}: expr is missing (e.g. expr = \"loss > 2 * min(loss, 200)\")")
-        tables[name] = {**tables.get(name, {}), **table}
+        base = tables.get(name, {})
+        if "expr" in table and "message" not in table:
+            base = {k: v for k, v in base.items() if k != "message"}  # it described the old expr
+        tables[name] = {**base, **table}
     return [_build_rule(name, table, f"alert '{name}'") for name, table in tables.items()]
 
 
