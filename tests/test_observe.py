@@ -125,7 +125,8 @@ def test_builtins_can_be_disabled_and_changed_by_name():
 
 
 @pytest.mark.parametrize("table,expected", [
-    ({"name": "a", "expr": "loss > 1", "sevrity": "info"}, "alerts[0] ('a'): unknown field 'sevrity' (did you mean 'severity'?)"),
+    ({"name": "a", "expr": "loss > 1", "sevrity": "info"},
+     "alerts[0] ('a'): unknown field 'sevrity' (did you mean 'severity'?)"),
     ({"name": "a", "expr": "loss > 1", "for": 3}, "say for_steps = N or for_seconds = S"),
     ({"name": "a", "expr": "loss >"}, "alert 'a': expr 'loss >': syntax error"),
     ({"name": "a", "expr": "exp(loss) > 1"}, "alert 'a': expr 'exp(loss) > 1': unknown function 'exp'"),
@@ -139,11 +140,13 @@ def test_builtins_can_be_disabled_and_changed_by_name():
     ({"name": "a", "expr": "loss > '1'"}, "literal '1' is not allowed"),
     ({"name": "a", "expr": "los > 1"}, "unknown field 'los' (did you mean 'loss'?)"),
     ({"name": "a", "expr": "stragglers > 0"}, "'stragglers' is a list: use len(stragglers)"),
-    ({"name": "a", "expr": "loss > min(loss, 2.5)"}, "takes a field name and a whole number of records; got window 2.5"),
+    ({"name": "a", "expr": "loss > min(loss, 2.5)"},
+     "takes a field name and a whole number of records; got window 2.5"),
     ({"name": "a", "expr": "loss > min(loss, 0)"}, "got window 0"),
     ({"name": "a", "expr": "loss > min(2 * loss, 5)"}, "min(field, window) takes a field name"),
     ({"name": "a", "expr": "abs(loss, 1) > 0"}, "abs() takes 1 argument, got 2"),
-    ({"name": "a", "expr": "loss > 1", "severity": "page"}, "severity must be one of info, warning, critical, got 'page'"),
+    ({"name": "a", "expr": "loss > 1", "severity": "page"},
+     "severity must be one of info, warning, critical, got 'page'"),
     ({"name": "a", "expr": "loss > 1", "for_steps": -1}, "for_steps must be a whole number >= 0, got -1"),
     ({"name": "a", "expr": "loss > 1", "for_steps": True}, "for_steps must be a whole number >= 0, got True"),
     ({"name": "a", "expr": "loss > 1", "for_seconds": "5m"}, "for_seconds must be a number >= 0, got '5m'"),
