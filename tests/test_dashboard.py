@@ -149,6 +149,7 @@ def test_a_run_that_appears_in_a_watched_folder_is_appended(tmp_path):
     assert [r["name"] for r in client.get("/api/runs").json()] == ["r1"]
     (tmp_path / "r0").mkdir()
     (tmp_path / "r0" / ".scaletrain.lock").write_text(f"pid {os.getpid()} on {socket.gethostname()}\n")
+    (tmp_path / "r0" / "hang_report.json").write_text("{}")  # an earlier attempt's: the live job is resuming
     listed = client.get("/api/runs").json()
     assert [(r["name"], r["state"]) for r in listed] == [("r1", "incomplete"), ("r0", "running")]
 

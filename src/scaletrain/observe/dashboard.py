@@ -179,14 +179,16 @@ class Run:
         return {"name": self.path.name, "path": str(self.path), "state": self.state(), "idle_s": idle_s}
 
     def state(self) -> str:
-        """finished / stopped early / hung / running / incomplete."""
+        """running / hung / finished / stopped early / incomplete (ended without a summary)."""
+        if _lock_holder_alive(self.path / LOCK_NAME):  # also a resumed run that had hung or finished before
+            return "running"
         summary = read_json(self.path / "summary.json")
         hang_at, summary_at = _mtime(self.path / "hang_report.json"), _mtime(self.path / "summary.json")
-        if hang_at is not None and (summary is None or hang_at >= (summary_at or 0)):  # a resumed run's hang is old
+        if hang_at is not None and (summary is None or hang_at >= (summary_at or 0)):
             return "hung"
         if summary is not None:
             return "stopped early" if summary.get("stopped_early") else "finished"
-        return "running" if _lock_holder_alive(self.path / LOCK_NAME) else "incomplete"
+        return "incomplete"
 
     def status(self) -> dict:
         """The run's small documents: summary, config, hang report, checkpoints."""
