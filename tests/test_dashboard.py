@@ -265,7 +265,8 @@ def test_page_shows_the_runs_and_a_new_step_without_a_reload(runs):
             page.evaluate("window.dashboard.charts.loss.plot.setScale('x', {min: 1, max: 3})")
 
             # Half a line first: nothing changes, nothing breaks; the finished line appears.
-            step5 = {**metric_rows(a)[-1], "step": 5, "val_loss": 5.0,
+            logged = metric_rows(a)
+            step5 = {**logged[-1], "step": 5, "tokens": logged[-1]["tokens"] + logged[0]["tokens"], "val_loss": 5.0,
                      "stragglers": [{"rank": SLOW_RANK, "forward_s": 0.3, "ratio": 2.0}]}
             text = json.dumps(step5) + "\n"
             with (a / "metrics.jsonl").open("a") as fh:
@@ -283,6 +284,10 @@ def test_page_shows_the_runs_and_a_new_step_without_a_reload(runs):
             zoom = page.evaluate("(({min, max}) => [min, max])(window.dashboard.charts.loss.plot.scales.x)")
             assert zoom == [1, 3]
             assert page.evaluate("window.dashboard.charts.lr.plot.scales.x.max") == 5
+
+            page.select_option("#x-field", "tokens")  # runs compared by tokens seen
+            assert page.evaluate("window.dashboard.points('lr')") == {"A · lr": 5, "B · lr": 3}
+            assert page.evaluate("window.dashboard.charts.lr.plot.scales.x.max") == step5["tokens"]
 
             page.select_option("#focus", "1")
             assert page.locator("#hang").is_visible()

@@ -23,6 +23,7 @@ const STEP_INCREMENTS = [1, 2, 5].flatMap(m => [1, 10, 100, 1e3, 1e4, 1e5, 1e6].
 
 const runs = [];
 let focus = 0;
+let xField = "step"; // or "tokens": compares runs of different batch sizes
 
 // ---- helpers --------------------------------------------------------------
 function el(tag, attrs = {}, ...children) {
@@ -152,15 +153,16 @@ function seriesOf(spec) {
   return out;
 }
 
-function allSteps() {
-  // uPlot wants one x array for all series: the union of every run's steps, nulls where a run has none.
-  const steps = new Set();
-  for (const run of runs) for (const s of run.metrics.keys()) steps.add(s);
-  return [...steps].sort((a, b) => a - b);
+function rowsByX() {
+  // Each run's rows keyed by the x axis field.
+  return runs.map(run => (xField === "step" ? run.metrics
+    : new Map([...run.metrics.values()].filter(r => r[xField] != null).map(r => [r[xField], r]))));
 }
 
-function chartData(series, xs) {
-  return [xs, ...series.map(({run, field}) => xs.map(s => run.metrics.get(s)?.[field] ?? null))];
+function chartData(series, byX) {
+  // uPlot wants one x array for all series: the union of every run's x values, nulls where a run has none.
+  const xs = [...new Set(byX.flatMap(rows => [...rows.keys()]))].sort((a, b) => a - b);
+  return [xs, ...series.map(({run, field}) => xs.map(x => byX[run.index].get(x)?.[field] ?? null))];
 }
 
 function makeChart(spec, series, data) {
@@ -171,8 +173,9 @@ function makeChart(spec, series, data) {
   const opts = {
     width: Math.max(200, plot.clientWidth), height: 220, legend: {live: true},
     scales: {x: {time: false}},
-    axes: [{label: "step", incrs: STEP_INCREMENTS}, {values: yValues, size: spec.bytes ? 80 : 64}],
-    series: [{label: "step"}, ...series.map(({run, field}) => ({
+    axes: [{label: xField, incrs: xField === "step" ? STEP_INCREMENTS : undefined, values: xField === "step" ? undefined
+      : (u, vals) => vals.map(fmt)}, {values: yValues, size: spec.bytes ? 80 : 64}],
+    series: [{label: xField}, ...series.map(({run, field}) => ({
       label: `${run.info.name} · ${field}`, stroke: run.color, width: 1.5, spanGaps: true,
       dash: field === "val_loss" ? [6, 4] : undefined,
       value: (u, v) => (spec.bytes ? fmtBytes(v) : fmt(v)),
@@ -193,13 +196,14 @@ function renderCharts() {
     }).observe(container);
   }
   if (!runs.some(r => r.changed)) return;
-  const xs = allSteps();
+  const byX = rowsByX();
   for (const spec of CHARTS) {
     const series = seriesOf(spec);
-    const data = chartData(series, xs);
-    const signature = series.map(s => s.label).join("|");
+    const data = chartData(series, byX);
+    const signature = [xField, ...series.map(s => s.label)].join("|");
     if (!charts[spec.id] || charts[spec.id].signature !== signature) {
-      const old = charts[spec.id]?.plot, zoom = old && isZoomed(old) && {min: old.scales.x.min, max: old.scales.x.max};
+      const old = charts[spec.id]?.plot, sameX = old?.series[0].label === xField;
+      const zoom = sameX && isZoomed(old) && {min: old.scales.x.min, max: old.scales.x.max};
       old?.destroy();
       charts[spec.id] = {plot: makeChart(spec, series, data), signature};
       if (zoom) charts[spec.id].plot.setScale("x", zoom);
@@ -308,6 +312,11 @@ document.getElementById("breakdown-legend").append(...PHASES.map(([, name, color
 const heatSelect = document.getElementById("heat-field");
 heatSelect.append(...Object.entries(HEAT_FIELDS).map(([key, [name]]) => el("option", {value: key}, name)));
 heatSelect.addEventListener("change", e => { heat.field = e.target.value; render(); });
+document.getElementById("x-field").addEventListener("change", e => {
+  xField = e.target.value;
+  for (const run of runs) run.changed = true;
+  render();
+});
 document.getElementById("focus").addEventListener("change", e => { focus = Number(e.target.value); render(); });
 document.getElementById("heatmap").addEventListener("mousemove", describeCell);
 tick();
