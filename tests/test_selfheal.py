@@ -249,3 +249,24 @@ def test_out_of_memory_restarts_with_half_the_micro_batch(tmp_path, debug_config
     assert run.summary["grad_accum_steps"] == 2 * reference.summary["grad_accum_steps"]
     torch.testing.assert_close(torch.tensor(run.losses), torch.tensor(reference.losses), rtol=1e-5, atol=1e-6)
     assert_same_params(run.params, reference.params)
+
+
+def test_young_daly_interval():
+    from scaletrain.checkpoint.interval import interval_steps, mtbf_seconds, young_daly_seconds
+
+    assert young_daly_seconds(2.0, 3600.0) == pytest.approx(120.0)  # sqrt(2 * 2 s * 1 h)
+    assert interval_steps(2.0, 3600.0, 0.5) == 240
+    assert mtbf_seconds([], started=0.0, now=100.0, assumed_s=7.0) == (7.0, "assumed: no failure in this run's history")
+    events = [{"kind": "restart", "time": 50.0}, {"kind": "skipped_step", "time": 60.0}, {"kind": "hang", "time": 80.0}]
+    assert mtbf_seconds(events, started=90.0, now=150.0, assumed_s=7.0)[0] == pytest.approx(50.0)  # 100 s, 2 failures
+
+
+def test_checkpoint_interval_auto(tmp_path, debug_config):
+    run_dir = tmp_path / "run"
+    proc = run_cli(["train", "--config", str(debug_config), "--run-dir", str(run_dir),
+                    *sets(*SMALL, "training.steps=24", "checkpoint.interval=auto", "checkpoint.mtbf_hours=0.00001",
+                          "checkpoint.keep_last=0")], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert "checkpoint.interval = auto: save " in proc.stderr and "Young/Daly" in proc.stderr
+    steps = sorted(int(p.name.removeprefix("step_")) for p in (run_dir / "checkpoints").glob("step_*"))
+    assert steps[0] == 10 and steps[-1] == 24 and len(steps) >= 3  # measured at 10, then the chosen interval

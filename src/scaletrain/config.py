@@ -19,6 +19,11 @@ from typing import Any
 from scaletrain.errors import UserError
 
 
+# An integer key that also takes 'auto' (checkpoint.interval) stores it as -1.
+AUTO = -1
+_AUTO_KEYS = {("checkpoint", "interval")}
+
+
 def _f(default, help: str, choices: tuple | None = None, minimum: float | None = None):
     return field(default=default, metadata={"help": help, "choices": choices, "min": minimum})
 
@@ -133,7 +138,10 @@ class ParallelConfig:
 class CheckpointConfig:
     enable: bool = _f(True, "write checkpoints (and resume from them)")
     dir: str = _f("", "where checkpoints go; empty = <run dir>/checkpoints")
-    interval: int = _f(0, "save every N steps (0 = only at the end and on SIGTERM/SIGINT)", minimum=0)
+    interval: int = _f(0, "save every N steps (0 = only at the end and on SIGTERM/SIGINT; 'auto' = Young/Daly "
+                          "from the measured save cost and the run's failure history)", minimum=AUTO)
+    mtbf_hours: float = _f(24.0, "mean time between failures assumed by interval = 'auto' while the run's "
+                                 "history holds no failure", minimum=1e-6)
     keep_last: int = _f(3, "keep the newest N complete checkpoints (0 = keep all)", minimum=0)
     async_save: bool = _f(False, "write in the background; only the copy to CPU memory blocks training")
     resume: str = _f("auto", "'auto' = the newest valid checkpoint in checkpoint.dir if any, 'none', or a "
@@ -198,7 +206,8 @@ class Config:
         lines = []
         for section, values in self.to_dict().items():
             lines.append(f"[{section}]")
-            lines += [f"{key} = {_toml_value(value)}" for key, value in values.items()]
+            lines += [f"{key} = {_toml_value('auto' if (section, key) in _AUTO_KEYS and value == AUTO else value)}"
+                      for key, value in values.items()]
             lines.append("")
         for rule in self.alerts:
             lines.append("[[alerts]]")
@@ -277,6 +286,8 @@ def parse_override(item: str) -> tuple[str, str, Any]:
             if text.lower() not in ("true", "false", "1", "0", "yes", "no"):
                 raise ValueError
             value: Any = text.lower() in ("true", "1", "yes")
+        elif tp is int and (section, key) in _AUTO_KEYS and text == "auto":
+            value = AUTO
         elif tp is int:
             value = int(text)
         elif tp is float:
@@ -308,6 +319,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
         if not isinstance(values, dict):
             raise UserError(f"{path}: '{section}' must be a [section] table")
         for key, value in values.items():
+            if (section, key) in _AUTO_KEYS and value == "auto":
+                value = values[key] = AUTO
             values[key] = _check_type(f"{section}.{key}", _field(section, key), value)
     for item in overrides:
         section, key, value = parse_override(item)
@@ -363,7 +376,9 @@ def validate(cfg: Config) -> None:
             if isinstance(value, float) and not math.isfinite(value):
                 raise UserError(f"{section}.{name} = {value!r} is not a finite number")
             if minimum is not None and value < minimum:
-                raise UserError(f"{section}.{name} = {value!r} must be >= {minimum}")
+                allowed = " (0 or more, or 'auto')" if (section, name) in _AUTO_KEYS else ""
+                raise UserError(f"{section}.{name} = {value!r} must be >= {max(minimum, 0) if allowed else minimum}"
+                                f"{allowed}")
     m, d, t, p = cfg.model, cfg.data, cfg.training, cfg.parallel
     if m.dim % m.n_heads:
         raise UserError(f"model.n_heads = {m.n_heads} must divide model.dim = {m.dim}")

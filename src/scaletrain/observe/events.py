@@ -11,6 +11,8 @@ import os
 import time
 from pathlib import Path
 
+from scaletrain.observe.recorder import read_records
+
 EVENTS_FILE = "events.jsonl"
 
 
@@ -30,13 +32,4 @@ def append_event(run_dir: Path, kind: str, step: int, rank: int, detail: str, **
 
 
 def read_events(run_dir: Path) -> list[dict]:
-    path = run_dir / EVENTS_FILE
-    if not path.exists():
-        return []
-    events = []
-    for line in path.read_text().splitlines():
-        try:
-            events.append(json.loads(line))
-        except json.JSONDecodeError:  # a line still being written
-            continue
-    return events
+    return read_records(run_dir / EVENTS_FILE)

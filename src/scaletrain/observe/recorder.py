@@ -20,6 +20,8 @@ def build_recorder(cfg, run_dir: Path, enabled: bool) -> "Recorder":
     from scaletrain.observe.exporters import build_exporters
 
     alerts = AlertEngine(parse_rules(cfg.alerts), build_sinks(run_dir, cfg.logging.alert_webhook or None))
+    # A resumed run: the rules' windows refill from the kept records; alerts still firing stay so.
+    alerts.restore(run_dir / "alerts.jsonl", read_records(run_dir / "metrics.jsonl"))
     values = dataclasses.asdict(cfg.logging)
     exporters = build_exporters(values, run_dir, alerts.severities(), wandb_config=cfg.to_dict())
     return Recorder(run_dir, enabled=True, exporters=exporters, alerts=alerts)
@@ -82,3 +84,16 @@ def truncate_jsonl(path: Path, step: int) -> None:
     tmp = path.with_suffix(".tmp")
     tmp.write_text("".join(line + "\n" for line in keep))
     os.replace(tmp, path)
+
+
+def read_records(path: Path) -> list[dict]:
+    """The complete lines of a JSONL file (one still being written is skipped)."""
+    if not path.exists():
+        return []
+    out = []
+    for line in path.read_text().splitlines():
+        try:
+            out.append(json.loads(line))
+        except json.JSONDecodeError:
+            continue
+    return out

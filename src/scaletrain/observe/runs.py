@@ -14,23 +14,11 @@ from rich.table import Table
 from scaletrain.errors import UserError
 from scaletrain.observe.breakdown import PHASES
 from scaletrain.observe.events import read_events
+from scaletrain.observe.recorder import read_records
 
 SUMMARY_KEYS = ("model", "params", "layout", "world_size", "device", "steps", "tokens", "loss_first", "loss_last",
                 "tokens_per_s", "mfu", "mem_peak_bytes", "stopped_early", "resumed_from", "skipped_steps",
                 "nonfinite_steps", "skipped_checkpoints")
-
-
-def read_jsonl(path: Path) -> list[dict]:
-    """The complete lines of a JSONL file that may still be growing."""
-    if not path.exists():
-        return []
-    out = []
-    for line in path.read_text().splitlines():
-        try:
-            out.append(json.loads(line))
-        except json.JSONDecodeError:
-            continue
-    return out
 
 
 def breakdown_by_rank(rows: list[dict]) -> dict[int, dict[str, float]]:
@@ -49,7 +37,7 @@ def show_run(run_dir: Path, console: Console | None = None) -> None:
         raise UserError(f"{run_dir} is not a scaletrain run directory (no config.toml or metrics.jsonl)")
     console = console or Console()
     summary_path = run_dir / "summary.json"
-    metrics = read_jsonl(run_dir / "metrics.jsonl")
+    metrics = read_records(run_dir / "metrics.jsonl")
     if summary_path.exists():
         summary = json.loads(summary_path.read_text())
         console.print(f"[bold]{run_dir}[/bold]: finished")
@@ -60,9 +48,9 @@ def show_run(run_dir: Path, console: Console | None = None) -> None:
         last = metrics[-1] if metrics else {}
         console.print(f"[bold]{run_dir}[/bold]: no summary yet (running or stopped); last logged step "
                       f"{last.get('step')} loss {last.get('loss')}")
-    _breakdown_table(console, breakdown_by_rank(read_jsonl(run_dir / "ranks.jsonl")))
+    _breakdown_table(console, breakdown_by_rank(read_records(run_dir / "ranks.jsonl")))
     _rows_table(console, "events", read_events(run_dir), ("step", "kind", "rank", "detail"))
-    _rows_table(console, "alerts", read_jsonl(run_dir / "alerts.jsonl"),
+    _rows_table(console, "alerts", read_records(run_dir / "alerts.jsonl"),
                 ("step", "state", "severity", "name", "message"))
     if (run_dir / "hang_report.json").exists():
         report = json.loads((run_dir / "hang_report.json").read_text())

@@ -13,6 +13,7 @@ import contextlib
 import math
 import os
 import signal
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -23,7 +24,8 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from scaletrain.checkpoint import CheckpointManager, find_resume_dir
-from scaletrain.config import Config, pipeline_microbatches
+from scaletrain.checkpoint.interval import FIRST_SAVE_STEP, interval_steps, mtbf_seconds, young_daly_seconds
+from scaletrain.config import AUTO, Config, pipeline_microbatches
 from scaletrain.data import DistributedBatchSampler, prepare_corpus
 from scaletrain.debug.faults import FaultInjector, InjectedError
 from scaletrain.debug.watchdog import Watchdog
@@ -105,6 +107,8 @@ class Trainer:
         self.timer = StepTimer(runtime.device, cfg.logging.breakdown)
         self.resources = ResourceSampler(runtime.device, cfg.logging.breakdown)
         self.interval_steps: list[dict] = []  # phase times of the steps since the last logged one
+        self.started_at, self.last_save_step, self.auto_interval = time.time(), self.step, None
+        self.save_costs: list[float] = []
         self.watchdog: Watchdog | None = None
         if runtime.distributed and cfg.debug.hang_timeout > 0:
             self.watchdog = Watchdog(runtime.rank, runtime.world_size, run_dir, cfg.debug.hang_timeout).start()
@@ -295,10 +299,9 @@ class Trainer:
                 self._phase("stop_check", self.step)
                 if self._agree_to_stop(stop.requested or self.step == cfg.debug.stop_at_step):
                     break
-                interval = cfg.checkpoint.interval
-                if self.checkpoints and interval and self.step % interval == 0 and self.step < cfg.training.steps:
+                if self._checkpoint_due(records):
                     self._phase("checkpoint", self.step)
-                    self.checkpoints.save(self.step)
+                    self._save(records)
             self._phase("final_checkpoint", self.step)
             if self.checkpoints:
                 self.checkpoints.save(self.step, blocking=True)
@@ -308,6 +311,36 @@ class Trainer:
             display.close()
             recorder.close()
         return self._finish(records, time.perf_counter() - start)
+
+    def _checkpoint_due(self, records: list[dict]) -> bool:
+        interval = self.cfg.checkpoint.interval
+        if self.checkpoints is None or interval == 0 or self.step >= self.cfg.training.steps:
+            return False
+        if interval != AUTO:
+            return self.step % interval == 0
+        return self.step - self.last_save_step >= (self.auto_interval or FIRST_SAVE_STEP)
+
+    def _save(self, records: list[dict]) -> None:
+        """Save; under interval = auto, time it and pick the next interval."""
+        started = time.perf_counter()
+        self.checkpoints.save(self.step)
+        self.last_save_step = self.step
+        if self.cfg.checkpoint.interval != AUTO:
+            return
+        self.save_costs.append(time.perf_counter() - started)
+        cost = statistics.median(self.save_costs[-5:])  # one slow save should not swing the interval
+        mtbf, source = mtbf_seconds(read_events(self.run_dir), self.started_at, time.time(),
+                                    self.cfg.checkpoint.mtbf_hours * 3600)
+        recent = records[-20:]
+        step_time = sum(r["step_time_s"] for r in recent) / len(recent)
+        interval = interval_steps(cost, mtbf, step_time)
+        previous = self.auto_interval
+        if self.runtime.is_main and (previous is None or not 0.8 <= interval / previous <= 1.25):
+            print(f"checkpoint.interval = auto: save {cost:.3g} s, MTBF {mtbf / 3600:.3g} h ({source}), step "
+                  f"{step_time:.3g} s -> every {interval} steps (Young/Daly sqrt(2 C M) = "
+                  f"{young_daly_seconds(cost, mtbf):.3g} s)", file=sys.stderr, flush=True)
+        if previous is None or not 0.8 <= interval / previous <= 1.25:
+            self.auto_interval = interval
 
     def _run_step(self) -> dict | None:
         """One step, profiled on debug.measure_step; None for a step that an
