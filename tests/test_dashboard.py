@@ -279,7 +279,8 @@ def test_page_shows_the_runs_and_a_new_step_without_a_reload(runs):
             write_jsonl(a / "ranks.jsonl", rank_rows(5), mode="a")
             page.wait_for_function("window.dashboard.points('loss')['A · loss'] === 5")
             page.wait_for_function(f"window.dashboard.heatmapCells() === {RANKS * 5}")
-            assert page.evaluate("window.dashboard.points('loss')") == {"A · loss": 5, "A · val_loss": 1, "B · loss": 3}
+            loss = page.evaluate("window.dashboard.points('loss')")
+            assert loss == {"A · loss": 5, "A · val_loss": 1, "B · loss": 3}
             assert f"step 5: rank {SLOW_RANK} (2x)" in page.locator("#stragglers").inner_text()
             zoom = page.evaluate("(({min, max}) => [min, max])(window.dashboard.charts.loss.plot.scales.x)")
             assert zoom == [1, 3]
