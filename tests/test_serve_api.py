@@ -201,3 +201,15 @@ def test_bad_model_paths_are_one_error_line(tmp_path, run_dir):
     for model in (tmp_path / "missing", run_dir / "config.toml", tmp_path, tmp_path / "mistral"):
         proc = run_cli(["serve", str(model), "--port", "1"], timeout=60)
         assert proc.returncode == 2 and proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1, proc.stderr
+
+
+def test_bench_serve_measures_a_running_server(server):
+    proc = run_cli(["bench", "serve", "--url", server.url, "--concurrency", "1,2", "--num-prompts", "4",
+                    "--max-tokens", "8", "--json"], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    rows = json.loads(proc.stdout)
+    assert [r["concurrency"] for r in rows] == [1, 2]
+    assert all(r["completed"] == 4 and r["failed"] == 0 and 4 <= r["output_tokens"] <= 32 for r in rows)
+    assert all(r["output_tok_s"] > 0 and r["ttft_ms_p50"] > 0 for r in rows)
+    refused = run_cli(["bench", "serve", "--url", "http://127.0.0.1:1"], timeout=60)
+    assert refused.returncode == 2 and refused.stderr.startswith("error: --url")
