@@ -10,11 +10,13 @@ log-normal (median 1 hour, sigma 1.0, capped at 48 h); arrivals are Poisson
 at the rate that offers LOAD (default 0.9) of the cluster's GPU-hours.
 
 Prints utilisation (GPUs in use, time-averaged until the last arrival:
-the drain after it is the same for every policy), queueing delay (mean, p95, mean of jobs >= 16 GPUs),
-time-averaged fragmentation and the share of multi-node jobs that cross a
-rack, per policy, and each as a ratio to first_fit.
+the drain after it is the same for every policy), queueing delay (mean,
+p95, mean of jobs >= 16 GPUs), time-averaged fragmentation and the share of
+multi-node jobs that cross a rack, per policy, and each as a ratio to
+first_fit; then the spread of those ratios over --seeds streams (one stream
+is one draw).
 
-    python3 benchmarks/bench_allocator.py [--jobs 1000] [--nodes 64] [--load 0.9] [--seed 0]
+    python3 benchmarks/bench_allocator.py [--jobs 1000] [--nodes 64] [--load 0.9] [--seed 0] [--seeds 5]
 """
 
 from __future__ import annotations
@@ -22,6 +24,7 @@ from __future__ import annotations
 import argparse
 import math
 import random
+import statistics
 import sys
 import time
 from pathlib import Path
@@ -66,6 +69,7 @@ def main() -> None:
     parser.add_argument("--nodes", type=int, default=64)
     parser.add_argument("--load", type=float, default=0.9)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--seeds", type=int, default=5, help="streams for the spread of the ratios")
     args = parser.parse_args()
     inventory = [Node(f"node{i:03d}", 8, f"rack{i // 8}") for i in range(args.nodes)]
     jobs = job_stream(args.jobs, 8 * args.nodes, args.load, args.seed)
@@ -90,6 +94,32 @@ def main() -> None:
                  (r.mean_wait_large, base.mean_wait_large), (r.fragmentation, base.fragmentation)]
         ratios = [f"{a / b:.2f}" if b else "-" for a, b in cells]
         print(f"{policy:<13} {ratios[0]:>6} {ratios[1]:>9} {ratios[2]:>9} {ratios[3]:>9} {ratios[4]:>6}")
+    if args.seeds > 1:
+        seed_spread(args, inventory)
+
+
+METRICS = ("utilisation", "mean_wait", "p95_wait", "mean_wait_large", "fragmentation")
+
+
+def seed_spread(args, inventory: list[Node]) -> None:
+    """The same comparison on ``--seeds`` streams: median [min, max] of each ratio to first_fit."""
+    ratios: dict[str, dict[str, list[float]]] = {p: {m: [] for m in METRICS} for p in POLICIES}
+    for seed in range(args.seed, args.seed + args.seeds):
+        jobs = job_stream(args.jobs, 8 * args.nodes, args.load, seed)
+        results = {policy: simulate(inventory, jobs, policy) for policy in POLICIES}
+        for policy, r in results.items():
+            for m in METRICS:
+                base = getattr(results["first_fit"], m)
+                if base:
+                    ratios[policy][m].append(getattr(r, m) / base)
+    print(f"\nratio to first_fit over seeds {args.seed}..{args.seed + args.seeds - 1}: median [min, max]")
+    print(f"{'policy':<13} " + " ".join(f"{m:>19}" for m in ("util", "wait mean", "wait p95", "wait>=16", "frag")))
+    for policy in POLICIES:
+        cells = []
+        for m in METRICS:
+            values = sorted(ratios[policy][m])
+            cells.append(f"{statistics.median(values):.2f} [{values[0]:.2f}, {values[-1]:.2f}]" if values else "-")
+        print(f"{policy:<13} " + " ".join(f"{c:>19}" for c in cells))
 
 
 if __name__ == "__main__":
