@@ -178,6 +178,9 @@ def test_deepspeed_both_ways(tmp_path, scaletrain_run, debug_config):
     jobs.append({"config": str(debug_config), "overrides": RECIPE, "zero_stage": 1, "bf16": True,
                  "load_dir": str(tmp_path / "export_bf16"), "continue_steps": STEPS - SAVED,
                  "out": str(tmp_path / "load_bf16.json")})
+    # ZeRO-0 keeps the client optimizer's own state, indexed by position, not by name: weights only.
+    jobs.append({"config": str(debug_config), "overrides": RECIPE, "zero_stage": 0, "steps": SAVED,
+                 "continue_steps": 0, "save_dir": str(tmp_path / "zero0"), "out": str(tmp_path / "zero0.json")})
     # A HF Transformers Llama trained under ZeRO-3: its module names are HF's.
     jobs.append({"config": str(debug_config), "overrides": RECIPE, "zero_stage": 3, "hf": True, "steps": 2,
                  "continue_steps": 0, "save_dir": str(tmp_path / "hf"), "out": str(tmp_path / "hf.json")})
@@ -201,6 +204,7 @@ def test_deepspeed_both_ways(tmp_path, scaletrain_run, debug_config):
         for name, tensor in theirs.items():
             torch.testing.assert_close(ours[name], tensor, rtol=0, atol=0, msg=f"{saved} {name}")
     _check_hf_import(tmp_path, debug_config)
+    _check_zero0_import(tmp_path, debug_config)
     cases = {}
     for stage in (1, 2, 3):
         trained = json.loads((tmp_path / f"ds{stage}.json").read_text())["losses"]
@@ -236,3 +240,18 @@ def _check_hf_import(tmp_path, debug_config):
     tokens = torch.randint(0, cfg.model.vocab_size, (2, 32), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         torch.testing.assert_close(ours(tokens), theirs(input_ids=tokens).logits, rtol=1e-4, atol=1e-5)
+
+
+def _check_zero0_import(tmp_path, debug_config):
+    """ZeRO-0 imports as weights only (its optimizer state is indexed by position, not name): the
+    weights of the same SAVED steps as ZeRO-1's."""
+    from deepspeed.utils.zero_to_fp32 import get_fp32_state_dict_from_zero_checkpoint
+
+    from scaletrain.checkpoint.hf import load_checkpoint_model
+
+    done, resumes = import_deepspeed(tmp_path / "zero0", tmp_path / "imported0", load_config(debug_config, RECIPE))
+    assert not resumes and json.loads((done / "train_state.json").read_text())["model_only"]
+    _, model = load_checkpoint_model(done)
+    zero1 = get_fp32_state_dict_from_zero_checkpoint(str(tmp_path / "ds1"))
+    for name, param in model.named_parameters():
+        torch.testing.assert_close(param.detach(), zero1[name], rtol=0, atol=1e-6, msg=name)
