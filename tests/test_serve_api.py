@@ -209,7 +209,7 @@ def test_bench_serve_measures_a_running_server(server):
     assert proc.returncode == 0, proc.stderr
     rows = json.loads(proc.stdout)
     assert [r["concurrency"] for r in rows] == [1, 2]
-    assert all(r["completed"] == 4 and r["failed"] == 0 and 4 <= r["output_tokens"] <= 32 for r in rows)
+    assert all(r["completed"] == 4 and r["failed"] == 0 and 4 <= r["output_tokens"] <= 32 for r in rows), rows
     assert all(r["output_tok_s"] > 0 and r["ttft_ms_p50"] > 0 for r in rows)
     refused = run_cli(["bench", "serve", "--url", "http://127.0.0.1:1"], timeout=60)
     assert refused.returncode == 2 and refused.stderr.startswith("error: --url")

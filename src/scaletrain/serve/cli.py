@@ -78,10 +78,16 @@ def bench_serve(
         raise UserError(f"--url {url}: cannot reach the server ({exc})") from None
     if listed.status_code != 200:
         raise UserError(f"--url {url}: GET /v1/models answered {listed.status_code}: {listed.text[:200]}")
-    model = model or listed.json()["data"][0]["id"]
+    entry = next((m for m in listed.json()["data"] if m["id"] == model), listed.json()["data"][0])
+    model = model or entry["id"]
+    # Prompts (byte-tokenizer characters) short enough for the context, where the server says it.
+    max_chars = min(800, entry.get("max_model_len", 1 << 30) - max_tokens - 8)
+    if max_chars < 64:
+        raise UserError(f"--max-tokens {max_tokens} leaves too little of the model's context for the prompts")
     rows = []
     for level in levels:
-        prompts = prompt_set(num_prompts or max(16, 2 * level), seed=level)
+        prompts = prompt_set(num_prompts or max(16, 2 * level), seed=level, shared_prefix_chars=min(384, max_chars // 2),
+                             max_chars=max_chars)
         rows.append({"server": base, **asyncio.run(run_load(f"{base}/v1", model, prompts, level, max_tokens,
                                                              time_limit, api_key))})
     print(json.dumps(rows, indent=1) if as_json else format_table(rows))

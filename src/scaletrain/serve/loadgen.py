@@ -74,8 +74,10 @@ async def _one(client, model: str, prompt: str, max_tokens: int, extra: dict) ->
     except Exception as exc:  # noqa: BLE001 - counted as a failed request
         return RequestResult(False, error=f"{type(exc).__name__}: {exc}")
     end = time.perf_counter()
-    if usage is None or first is None:
-        return RequestResult(False, error="no usage or no text in the stream")
+    if usage is None:
+        return RequestResult(False, error="no usage in the stream (stream_options.include_usage)")
+    # No text at all (an end-of-sequence token first): the first token came with the end.
+    first = end if first is None else first
     return RequestResult(True, first - start, end - start, usage.completion_tokens, usage.prompt_tokens, gaps)
 
 
