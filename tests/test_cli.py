@@ -37,7 +37,7 @@ def test_command_surface_is_frozen():
     assert set(command.commands) == {"train", "config", "checkpoint", "plan", "doctor", "bench", "launch", "serve",
                                      "runs", "allocate", "dashboard"}
     assert set(command.commands["launch"].commands) == {"slurm", "k8s"}
-    assert set(command.commands["bench"].commands) == {"comm"}
+    assert set(command.commands["bench"].commands) == {"comm", "serve"}
     assert set(command.commands["config"].commands) == {"show", "keys", "import-deepspeed"}
     assert set(command.commands["checkpoint"].commands) == {"inspect", "export", "import"}
     assert {p.name for p in command.commands["train"].params} == {"config", "set_", "nproc", "run_dir",

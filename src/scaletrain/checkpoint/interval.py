@@ -13,6 +13,10 @@ history in events.jsonl (restarts, hangs, out-of-memory recoveries), or
 from __future__ import annotations
 
 import math
+import statistics
+import sys
+import time
+from pathlib import Path
 
 FIRST_SAVE_STEP = 10  # the first save, which measures C
 FAILURE_KINDS = ("restart", "hang", "oom_recovery")
@@ -34,3 +38,51 @@ def mtbf_seconds(events: list[dict], started: float, now: float, assumed_s: floa
 def interval_steps(save_cost_s: float, mtbf_s: float, step_time_s: float) -> int:
     """The Young/Daly interval in whole steps (at least 1)."""
     return max(1, round(young_daly_seconds(save_cost_s, mtbf_s) / max(step_time_s, 1e-9)))
+
+
+class CheckpointSchedule:
+    """When to save: every ``checkpoint.interval`` steps, or under 'auto'
+    first at FIRST_SAVE_STEP and then at the Young/Daly interval, revised
+    after each save (logged when it changes by more than 25%)."""
+
+    def __init__(self, cfg, run_dir: Path, is_main: bool, step: int):
+        from scaletrain.config import AUTO
+
+        self.interval, self.auto = cfg.interval, cfg.interval == AUTO
+        self.mtbf_assumed_s = cfg.mtbf_hours * 3600
+        self.run_dir, self.is_main = run_dir, is_main
+        self.started_at, self.last_save_step = time.time(), step
+        self.auto_interval: int | None = None
+        self.save_costs: list[float] = []
+
+    def due(self, step: int, last_step: int) -> bool:
+        if self.interval == 0 or step >= last_step:
+            return False
+        if not self.auto:
+            return step % self.interval == 0
+        return step - self.last_save_step >= (self.auto_interval or FIRST_SAVE_STEP)
+
+    def timed_save(self, checkpoints, step: int, records: list[dict]) -> None:
+        started = time.perf_counter()
+        checkpoints.save(step)
+        self.last_save_step = step
+        if self.auto:
+            self.save_costs.append(time.perf_counter() - started)
+            self._revise(records)
+
+    def _revise(self, records: list[dict]) -> None:
+        from scaletrain.observe.events import read_events
+
+        cost = statistics.median(self.save_costs[-5:])  # one slow save should not swing the interval
+        mtbf, source = mtbf_seconds(read_events(self.run_dir), self.started_at, time.time(), self.mtbf_assumed_s)
+        recent = records[-20:]
+        step_time = sum(r["step_time_s"] for r in recent) / len(recent)
+        interval = interval_steps(cost, mtbf, step_time)
+        previous = self.auto_interval
+        if previous is not None and 0.8 <= interval / previous <= 1.25:
+            return
+        self.auto_interval = interval
+        if self.is_main:
+            print(f"checkpoint.interval = auto: save {cost:.3g} s, MTBF {mtbf / 3600:.3g} h ({source}), step "
+                  f"{step_time:.3g} s -> every {interval} steps (Young/Daly sqrt(2 C M) = "
+                  f"{young_daly_seconds(cost, mtbf):.3g} s)", file=sys.stderr, flush=True)

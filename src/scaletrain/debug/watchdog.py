@@ -260,22 +260,26 @@ class Watchdog:
         """A collective raised on this rank (e.g. a peer died): a peer that
         announced its own error ends this rank (exit 1); a dead, missing or
         out-of-step peer is reported (exit 3); otherwise return. SIGTERM or
-        SIGINT (torchrun stops the group when a peer dies) cuts the search
-        short to one last look, never waits it out."""
+        SIGINT (torchrun stops the group when a peer dies) shortens the
+        search to a grace of two heartbeat intervals (enough to name a dead
+        peer and answer the reporter's dump request), never waits it out."""
         signalled = threading.Event()
         for sig in (signal.SIGTERM, signal.SIGINT):
             signal.signal(sig, lambda signum, frame: signalled.set())
         deadline = time.time() + max(self.timeout, 3 * self.interval) + self.interval
+        grace_set = False
         trigger = None
         while time.time() < deadline and trigger is None:
             try:
                 self._exit_if_peer_failed()
+                if self.store.check([f"{_PREFIX}dump_request"]):
+                    self._dump_and_exit()  # another rank is writing the report
                 trigger = self._find_hang()
             except Exception:  # the store is gone (the agent ended the job): nothing to diagnose
                 return
-            if signalled.is_set():
-                break
-            signalled.wait(self.interval / 2)
+            if signalled.is_set() and not grace_set:
+                deadline, grace_set = min(deadline, time.time() + 2 * self.interval + 1), True
+            time.sleep(self.interval / 2)
         if trigger is None:
             return
         if self.store.add(f"{_PREFIX}reporter", 1) == 1:

@@ -122,6 +122,18 @@ def from_vector(values: list[float], step: int, rank: int) -> dict:
     return row
 
 
+def gather_rows(runtime, row: dict, step: int) -> list[dict]:
+    """Every rank's row on every rank: one all-gather of a few floats."""
+    if not runtime.distributed:
+        return [{"step": step, "rank": runtime.rank, **row}]
+    from scaletrain.parallel.runtime import all_gather_single
+
+    local = torch.tensor(to_vector(row), dtype=torch.float64, device=runtime.device)
+    gathered = torch.empty(runtime.world_size * len(local), dtype=torch.float64, device=runtime.device)
+    all_gather_single(gathered, local)
+    return [from_vector(v, step, r) for r, v in enumerate(gathered.view(runtime.world_size, -1).tolist())]
+
+
 def find_stragglers(rows: list[dict], factor: float) -> list[dict]:
     """Ranks whose data + first-forward time (measured before gradient
     synchronization makes the ranks wait for each other) exceeds the median

@@ -13,7 +13,6 @@ import contextlib
 import math
 import os
 import signal
-import statistics
 import sys
 import time
 from pathlib import Path
@@ -24,18 +23,17 @@ from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from scaletrain.checkpoint import CheckpointManager, find_resume_dir
-from scaletrain.checkpoint.interval import FIRST_SAVE_STEP, interval_steps, mtbf_seconds, young_daly_seconds
-from scaletrain.config import AUTO, Config, pipeline_microbatches
+from scaletrain.checkpoint.interval import CheckpointSchedule
+from scaletrain.config import Config, pipeline_microbatches
 from scaletrain.data import DistributedBatchSampler, prepare_corpus
 from scaletrain.debug.faults import FaultInjector, InjectedError
 from scaletrain.debug.watchdog import Watchdog
 from scaletrain.model import Llama, cross_entropy_loss, train_flops_per_token
-from scaletrain.observe.breakdown import (ResourceSampler, StepTimer, find_stragglers, from_vector, mean_phases,
-                                          to_vector)
+from scaletrain.observe.breakdown import ResourceSampler, StepTimer, find_stragglers, gather_rows, mean_phases
 from scaletrain.observe.events import append_event, read_events
 from scaletrain.observe.recorder import Recorder, build_recorder
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
-from scaletrain.parallel.runtime import Runtime, all_gather_single, bind_training_thread
+from scaletrain.parallel.runtime import Runtime, bind_training_thread
 from scaletrain.train import report
 from scaletrain.train.checks import check_data, grad_accum_steps, resolve_vocab
 from scaletrain.train.display import ProgressDisplay
@@ -107,8 +105,7 @@ class Trainer:
         self.timer = StepTimer(runtime.device, cfg.logging.breakdown)
         self.resources = ResourceSampler(runtime.device, cfg.logging.breakdown)
         self.interval_steps: list[dict] = []  # phase times of the steps since the last logged one
-        self.started_at, self.last_save_step, self.auto_interval = time.time(), self.step, None
-        self.save_costs: list[float] = []
+        self.schedule = CheckpointSchedule(cfg.checkpoint, run_dir, runtime.is_main, self.step)
         self.watchdog: Watchdog | None = None
         if runtime.distributed and cfg.debug.hang_timeout > 0:
             self.watchdog = Watchdog(runtime.rank, runtime.world_size, run_dir, cfg.debug.hang_timeout).start()
@@ -293,15 +290,15 @@ class Trainer:
                     records[:] = [r for r in records if r["step"] <= self.step]
                     continue
                 if self.step % cfg.logging.interval == 0 or self.step == cfg.training.steps:
-                    self._phase("straggler_check", self.step)
+                    self._phase("logging", self.step)
                     self._log(record, recorder)
                 display.update(self.step, record)
                 self._phase("stop_check", self.step)
                 if self._agree_to_stop(stop.requested or self.step == cfg.debug.stop_at_step):
                     break
-                if self._checkpoint_due(records):
+                if self.checkpoints and self.schedule.due(self.step, cfg.training.steps):
                     self._phase("checkpoint", self.step)
-                    self._save(records)
+                    self.schedule.timed_save(self.checkpoints, self.step, records)
             self._phase("final_checkpoint", self.step)
             if self.checkpoints:
                 self.checkpoints.save(self.step, blocking=True)
@@ -311,36 +308,6 @@ class Trainer:
             display.close()
             recorder.close()
         return self._finish(records, time.perf_counter() - start)
-
-    def _checkpoint_due(self, records: list[dict]) -> bool:
-        interval = self.cfg.checkpoint.interval
-        if self.checkpoints is None or interval == 0 or self.step >= self.cfg.training.steps:
-            return False
-        if interval != AUTO:
-            return self.step % interval == 0
-        return self.step - self.last_save_step >= (self.auto_interval or FIRST_SAVE_STEP)
-
-    def _save(self, records: list[dict]) -> None:
-        """Save; under interval = auto, time it and pick the next interval."""
-        started = time.perf_counter()
-        self.checkpoints.save(self.step)
-        self.last_save_step = self.step
-        if self.cfg.checkpoint.interval != AUTO:
-            return
-        self.save_costs.append(time.perf_counter() - started)
-        cost = statistics.median(self.save_costs[-5:])  # one slow save should not swing the interval
-        mtbf, source = mtbf_seconds(read_events(self.run_dir), self.started_at, time.time(),
-                                    self.cfg.checkpoint.mtbf_hours * 3600)
-        recent = records[-20:]
-        step_time = sum(r["step_time_s"] for r in recent) / len(recent)
-        interval = interval_steps(cost, mtbf, step_time)
-        previous = self.auto_interval
-        if self.runtime.is_main and (previous is None or not 0.8 <= interval / previous <= 1.25):
-            print(f"checkpoint.interval = auto: save {cost:.3g} s, MTBF {mtbf / 3600:.3g} h ({source}), step "
-                  f"{step_time:.3g} s -> every {interval} steps (Young/Daly sqrt(2 C M) = "
-                  f"{young_daly_seconds(cost, mtbf):.3g} s)", file=sys.stderr, flush=True)
-        if previous is None or not 0.8 <= interval / previous <= 1.25:
-            self.auto_interval = interval
 
     def _run_step(self) -> dict | None:
         """One step, profiled on debug.measure_step; None for a step that an
@@ -403,14 +370,7 @@ class Trainer:
         row = {**mean_phases(self.interval_steps), **self.resources.sample()}
         row["first_forward_s"] = sum(s["first_forward_s"] for s in self.interval_steps) / max(1, len(self.interval_steps))
         self.interval_steps.clear()
-        rows = [{"step": self.step, "rank": self.runtime.rank, **row}]
-        if self.runtime.distributed:
-            local = torch.tensor(to_vector(row), dtype=torch.float64, device=self.runtime.device)
-            gathered = torch.empty(self.runtime.world_size * len(local), dtype=torch.float64,
-                                   device=self.runtime.device)
-            all_gather_single(gathered, local)
-            values = gathered.view(self.runtime.world_size, -1).tolist()
-            rows = [from_vector(v, self.step, r) for r, v in enumerate(values)]
+        rows = gather_rows(self.runtime, row, self.step)
         record.update(self._health_fields())
         if stragglers := find_stragglers(rows, self.cfg.debug.straggler_factor):
             record["stragglers"] = stragglers
