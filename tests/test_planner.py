@@ -200,3 +200,16 @@ def test_tp_cost_measured_on_a_real_mesh():
     assert all(t > 0 for t in times.values())
     curves = calibrate.dispatch_curves(load_catalog()["a100-80g"], times, 2)
     assert [len(curves[k]) for k in ("tp_dispatch_curve", "sp_dispatch_curve")] == [2, 2]
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["--seq-len", "0"], "--seq-len = 0; allowed: 1 or more"),
+    (["--global-batch", "0"], "--global-batch = 0"),
+    (["--gpus", "-8"], "--gpus = -8"),
+    (["--seq-len", "8192"], "exceeds the model's context (4096 positions"),
+])
+def test_plan_refuses_zero_and_out_of_context_values(capsys, args, needle):
+    from test_cli import assert_one_line_error, run_main
+
+    code, _, err = run_main(capsys, ["plan", "--model", "7b", *args])
+    assert_one_line_error(code, err, needle)

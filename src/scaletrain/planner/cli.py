@@ -21,6 +21,10 @@ def run_plan(model_spec, gpus, gpu, gpus_per_node, seq_len, global_batch, dtype,
         raise UserError(f"--top = {top}; allowed: 1 or more")
     if dtype is not None and dtype not in DTYPE_BYTES:
         raise UserError(f"--dtype {dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
+    for flag, value in (("--seq-len", seq_len), ("--global-batch", global_batch), ("--gpus", gpus),
+                        ("--gpus-per-node", gpus_per_node)):
+        if value is not None and value < 1:  # 0 must not silently mean "the default"
+            raise UserError(f"{flag} = {value}; allowed: 1 or more")
     if model_spec is None and config is None:
         raise UserError("give --model (a preset, a .toml config or a HF config.json) or --config")
     model, extra = resolve_model(model_spec or config)
@@ -33,8 +37,9 @@ def run_plan(model_spec, gpus, gpu, gpus_per_node, seq_len, global_batch, dtype,
         dtype = "fp16"
     w = Workload(model, seq_len or extra.get("seq_len") or 4096, global_batch or extra.get("global_batch") or 1024,
                  dtype)
-    if w.seq_len < 1 or w.global_batch < 1:
-        raise UserError("--seq-len and --global-batch must be 1 or more")
+    if w.seq_len > model.max_seq_len:
+        raise UserError(f"--seq-len {w.seq_len} exceeds the model's context ({model.max_seq_len} positions: "
+                        "model.max_seq_len); the trainer would refuse it")
     estimates = search(w, cluster)
     fitting = [e for e in estimates if e.fits]
     if as_json:

@@ -16,7 +16,10 @@ from __future__ import annotations
 
 import math
 import statistics
+import sys
 from collections import deque
+
+from scaletrain.observe.events import append_event
 
 APPLY, SKIP, ROLLBACK, STOP = "apply", "skip", "rollback", "stop"
 
@@ -57,6 +60,60 @@ class StepGuard:
             self.consecutive = 0
             return (ROLLBACK if self.on_nonfinite == "rollback" else STOP), why
         return SKIP, why
+
+
+def act_on_verdict(trainer, record: dict, recorder) -> bool:
+    """Report a non-finite step; act on the step guard's verdict for the
+    trainer (skip, stop, or roll back). True when the run rolled back."""
+    report_nonfinite(trainer, record)
+    if trainer.action == APPLY:
+        return False
+    trainer.skipped_steps.append(trainer.step)
+    if trainer.runtime.is_main:
+        append_event(trainer.run_dir, "skipped_step", trainer.step, trainer.runtime.rank, record["skip_reason"])
+    t = trainer.cfg.training
+    policy = f"training.on_nonfinite = {t.on_nonfinite}, max_bad_steps = {t.max_bad_steps}"
+    if trainer.action == STOP:
+        raise RuntimeError(f"step {trainer.step}: {record['skip_reason']}; stopping ({policy}); the last "
+                           "checkpoint is intact")
+    if trainer.action == ROLLBACK:
+        rollback(trainer, recorder, record["skip_reason"], policy)
+        return True
+    return False
+
+
+def rollback(trainer, recorder, why: str, policy: str) -> None:
+    """Back to the newest valid checkpoint; the data stream goes on after
+    the offending batches."""
+    from scaletrain.checkpoint import find_resume_dir
+
+    target = find_resume_dir(trainer.cfg, trainer.run_dir, quiet=True) if trainer.checkpoints else None
+    if target is None:
+        raise RuntimeError(f"step {trainer.step}: {why}; no checkpoint to roll back to ({policy})")
+    trainer.rollbacks[target.name] = trainer.rollbacks.get(target.name, 0) + 1
+    if trainer.rollbacks[target.name] > trainer.cfg.training.max_bad_steps:
+        raise RuntimeError(f"step {trainer.step}: {why}; already rolled back to {target.name} "
+                           f"{trainer.rollbacks[target.name] - 1} times ({policy})")
+    position = trainer.sampler.state_dict()
+    bad_step = trainer.step
+    trainer.step = trainer.checkpoints.load(target)
+    trainer.sampler.load_state_dict(position)
+    recorder.truncate(trainer.step)
+    message = f"rolled back from step {bad_step} to {target.name} ({why}); data continues after batch {bad_step}"
+    if trainer.runtime.is_main:
+        append_event(trainer.run_dir, "rollback", bad_step, trainer.runtime.rank, message)
+        print(f"warning: {message}", file=sys.stderr, flush=True)
+
+
+def report_nonfinite(trainer, record: dict) -> None:
+    """A non-finite loss or gradient norm is reported on its step (rank 0,
+    the first one and then every 10th); the summary counts them."""
+    if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
+        return
+    trainer.nonfinite_steps.append(record["step"])
+    if trainer.runtime.is_main and len(trainer.nonfinite_steps) % 10 == 1:
+        print(f"warning: step {record['step']}: loss {record['loss']}, grad_norm {record['grad_norm']} "
+              f"(non-finite; {len(trainer.nonfinite_steps)} such step(s) so far)", file=sys.stderr, flush=True)
 
 
 def oom_overrides(cfg) -> list[str] | None:

@@ -10,7 +10,6 @@ optimizer step -> metrics.
 from __future__ import annotations
 
 import contextlib
-import math
 import os
 import signal
 import sys
@@ -37,7 +36,7 @@ from scaletrain.parallel.runtime import Runtime, bind_training_thread
 from scaletrain.train import report
 from scaletrain.train.checks import check_data, grad_accum_steps, resolve_vocab
 from scaletrain.train.display import ProgressDisplay
-from scaletrain.train.health import APPLY, ROLLBACK, STOP, StepGuard, apply_recoveries
+from scaletrain.train.health import APPLY, StepGuard, act_on_verdict, apply_recoveries
 from scaletrain.train.measure import StepProbe
 from scaletrain.train.metrics import device_peak_flops, mem_peak_bytes, memory_limit_bytes
 from scaletrain.train.optim import build_scheduler
@@ -286,7 +285,7 @@ class Trainer:
                 if record is None:
                     continue
                 records.append(record)
-                if self._after_step(record, recorder):  # rolled back: the step is undone
+                if act_on_verdict(self, record, recorder):  # rolled back: the step is undone
                     records[:] = [r for r in records if r["step"] <= self.step]
                     continue
                 if self.step % cfg.logging.interval == 0 or self.step == cfg.training.steps:
@@ -323,45 +322,6 @@ class Trainer:
             print(f"[rank{self.runtime.rank}] skipping step {self.step + 1}: {exc}", file=sys.stderr)
             self.step += 1
             return None
-
-    def _after_step(self, record: dict, recorder: Recorder) -> bool:
-        """Report a non-finite step; act on the step guard's verdict. True
-        when the run rolled back."""
-        self._report_nonfinite(record)
-        if self.action == APPLY:
-            return False
-        self.skipped_steps.append(self.step)
-        if self.runtime.is_main:
-            append_event(self.run_dir, "skipped_step", self.step, self.runtime.rank, record["skip_reason"])
-        policy = (f"training.on_nonfinite = {self.cfg.training.on_nonfinite}, max_bad_steps = "
-                  f"{self.cfg.training.max_bad_steps}")
-        if self.action == STOP:
-            raise RuntimeError(f"step {self.step}: {record['skip_reason']}; stopping ({policy}); the last "
-                               "checkpoint is intact")
-        if self.action == ROLLBACK:
-            self._rollback(recorder, record["skip_reason"], policy)
-            return True
-        return False
-
-    def _rollback(self, recorder: Recorder, why: str, policy: str) -> None:
-        """Back to the newest valid checkpoint; the data stream goes on after
-        the offending batches."""
-        target = find_resume_dir(self.cfg, self.run_dir, quiet=True) if self.checkpoints else None
-        if target is None:
-            raise RuntimeError(f"step {self.step}: {why}; no checkpoint to roll back to ({policy})")
-        self.rollbacks[target.name] = self.rollbacks.get(target.name, 0) + 1
-        if self.rollbacks[target.name] > self.cfg.training.max_bad_steps:
-            raise RuntimeError(f"step {self.step}: {why}; already rolled back to {target.name} "
-                               f"{self.rollbacks[target.name] - 1} times ({policy})")
-        position = self.sampler.state_dict()
-        bad_step = self.step
-        self.step = self.checkpoints.load(target)
-        self.sampler.load_state_dict(position)
-        recorder.truncate(self.step)
-        message = f"rolled back from step {bad_step} to {target.name} ({why}); data continues after batch {bad_step}"
-        if self.runtime.is_main:
-            append_event(self.run_dir, "rollback", bad_step, self.runtime.rank, message)
-            print(f"warning: {message}", file=sys.stderr, flush=True)
 
     def _log(self, record: dict, recorder: Recorder) -> None:
         """Every rank's time breakdown and resources for the steps since the
@@ -416,16 +376,6 @@ class Trainer:
         out = [None] * self.runtime.world_size
         dist.all_gather_object(out, value)
         return out
-
-    def _report_nonfinite(self, record: dict) -> None:
-        """A non-finite loss or gradient norm is reported on its step (rank 0,
-        the first one and then every 10th); the summary counts them."""
-        if math.isfinite(record["loss"]) and math.isfinite(record["grad_norm"]):
-            return
-        self.nonfinite_steps.append(record["step"])
-        if self.runtime.is_main and len(self.nonfinite_steps) % 10 == 1:
-            print(f"warning: step {record['step']}: loss {record['loss']}, grad_norm {record['grad_norm']} "
-                  f"(non-finite; {len(self.nonfinite_steps)} such step(s) so far)", file=sys.stderr, flush=True)
 
     def _agree_to_stop(self, local: bool) -> bool:
         """A signal may reach the ranks at different steps: stop when any rank saw one."""
