@@ -177,7 +177,8 @@ def test_hang_with_a_frozen_rank_ends_the_job_promptly(tmp_path, debug_config):
     assert len(report["suspect_ranks"]) == 1 and "frozen" in report["likely_cause"], report["likely_cause"]
     assert [e["kind"] for e in read_events(run_dir)] == ["hang"]
     alerts = [json.loads(line) for line in (run_dir / "alerts.jsonl").read_text().splitlines()]
-    assert [(a["name"], a["severity"], a["value"]) for a in alerts] == [("hang", "critical", report["suspect_ranks"])]
+    hangs = [(a["severity"], a["value"]) for a in alerts if a["name"] == "hang"]  # a straggler may fire too
+    assert hangs == [("critical", report["suspect_ranks"])]
     assert not psutil.pid_exists(frozen.pid) or frozen.status() == psutil.STATUS_ZOMBIE
 
 
