@@ -41,7 +41,6 @@ def run(engine: AlertEngine, records: list[dict]) -> list[tuple[str, str, int]]:
     ("straggler", {"stragglers": [{"rank": 3, "forward_s": 0.9, "ratio": 2.1}]}),
     ("heartbeat_missing", {"missing_ranks": [1, 2]}),
     ("checkpoint_failed", {"checkpoint_failed": True}),
-    ("step_time_regression", {"step_time_s": 0.8}),  # > 1.5 x the median 0.5
 ])
 def test_each_builtin_fires_once_and_resolves(name, changed):
     engine = AlertEngine(parse_rules([]))
@@ -50,12 +49,15 @@ def test_each_builtin_fires_once_and_resolves(name, changed):
     assert engine.firing() == {n: 0 for n in engine.firing()}
 
 
-def test_step_time_regression_waits_for_warm_up():
+def test_step_time_regression_is_sustained_and_waits_for_warm_up():
     engine = AlertEngine(parse_rules([]))
     # a slow fourth record: too few records for a median to mean anything
     records = [record(s, step_time_s=5.0 if s == 4 else 0.5) for s in range(1, 12)]
     assert run(engine, records) == []
-    assert run(engine, [record(12, step_time_s=5.0)]) == [("step_time_regression", "firing", 12)]
+    assert run(engine, [record(12, step_time_s=5.0), record(13)]) == []  # one slow step is not a regression
+    slow = [record(s, step_time_s=0.8) for s in range(14, 18)]  # > 1.5 x the median 0.5, for 3 more steps
+    assert run(engine, slow + [record(18)]) == [("step_time_regression", "firing", 17),
+                                                ("step_time_regression", "resolved", 18)]
 
 
 def test_issue_examples_fire():
@@ -446,15 +448,16 @@ def test_wandb_offline_run_holds_the_history(tmp_path):
 
 
 def test_a_resumed_run_neither_repeats_nor_forgets_firing_alerts(tmp_path):
-    before = [record(s) for s in range(1, 21)] + [record(21, missing_ranks=[1]), record(22, step_time_s=0.9)]
+    before = [record(s) for s in range(1, 21)] + [record(21, missing_ranks=[1])]
+    before += [record(s, step_time_s=0.9) for s in range(22, 26)]
     first = AlertEngine(parse_rules([]), build_sinks(tmp_path))
     run(first, before)
     first.close()  # stops here: heartbeat_missing resolved, step_time_regression still firing
     again = AlertEngine(parse_rules([]), build_sinks(tmp_path))
     again.restore(tmp_path / "alerts.jsonl", before)
     assert again.firing()["step_time_regression"] == 1 and again.firing()["heartbeat_missing"] == 0
-    assert run(again, [record(23, step_time_s=0.9)]) == []  # no second "firing"
-    assert run(again, [record(24)]) == [("step_time_regression", "resolved", 24)]
+    assert run(again, [record(26, step_time_s=0.9)]) == []  # no second "firing"
+    assert run(again, [record(27)]) == [("step_time_regression", "resolved", 27)]
     rows = [json.loads(line) for line in (tmp_path / "alerts.jsonl").read_text().splitlines()]
     assert [(r["name"], r["state"]) for r in rows[-2:]] == [("step_time_regression", "firing"),
                                                           ("step_time_regression", "resolved")]

@@ -65,8 +65,9 @@ BUILTIN_RULES: dict[str, dict] = {
                           "message": "no heartbeat from rank(s) {missing_ranks}"},
     "checkpoint_failed": {"expr": "checkpoint_failed", "severity": "critical",
                           "message": "checkpoint save failed"},
+    # Sustained: one slow step (a checkpoint save, a busy neighbour on a shared host) is not a regression.
     "step_time_regression": {"expr": "count(step_time_s, 50) >= 10 and step_time_s > 1.5 * median(step_time_s, 50)",
-                             "severity": "warning",
+                             "for_steps": 3, "severity": "warning",
                              "message": "step time {value:.3g} s is over 1.5x the median of the last 50 logged steps"},
 }
 
