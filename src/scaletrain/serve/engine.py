@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import itertools
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable
 
 import torch
@@ -89,7 +89,7 @@ class Engine:
         choices = []
         for index in range(n):
             # Choice i of a seeded request draws from seed + i: reproducible, yet distinct.
-            p = params if params.seed is None or index == 0 else _with_seed(params, params.seed + index)
+            p = params if params.seed is None or index == 0 else replace(params, seed=params.seed + index)
             seq = Sequence(next(self._ids), list(prompt), len(prompt), p, make_generator(p))
             seq.arrival_s = arrival_s or seq.arrival_s
             choice = _Choice(request_id, index, seq)
@@ -187,12 +187,6 @@ class Engine:
     def num_waiting(self) -> int:
         waiting = {self.choices[s].request_id for s in self.scheduler.waiting if s in self.choices}
         return len(waiting - self.running_requests())
-
-
-def _with_seed(params: SamplingParams, seed: int) -> SamplingParams:
-    from dataclasses import replace
-
-    return replace(params, seed=seed)
 
 
 def _find_stop(text: str, stops: tuple[str, ...]) -> int | None:
