@@ -213,3 +213,28 @@ def test_plan_refuses_zero_and_out_of_context_values(capsys, args, needle):
 
     code, _, err = run_main(capsys, ["plan", "--model", "7b", *args])
     assert_one_line_error(code, err, needle)
+
+
+@pytest.mark.parametrize("model, gpus, gpu, per_node, seq, batch", [
+    ("7b", 64, "a100-80g", 8, 4096, 1024), ("70b", 64, "a100-80g", 8, 4096, 1024),
+    ("1b", 16, "h100-sxm", 8, 8192, 256), ("small", 8, "a100-80g", 8, 1024, 64),
+])
+def test_printed_train_commands_are_accepted_by_the_trainer(model, gpus, gpu, per_node, seq, batch):
+    """Each of the top 10 layouts, as the --set line plan prints, passes the
+    trainer's own checks for that world size (layout, batch arithmetic,
+    pipeline rules, offload on CUDA)."""
+    from scaletrain.config import load_config
+    from scaletrain.parallel.dims import ParallelDims, check_offload
+    from scaletrain.planner.estimate import Workload, train_overrides
+    from scaletrain.planner.hardware import load_catalog, parse_cluster
+    from scaletrain.planner.search import resolve_model, search
+    from scaletrain.train.checks import grad_accum_steps
+
+    cluster = parse_cluster(load_catalog(), gpu, gpus, per_node)
+    w = Workload(resolve_model(model)[0], seq, batch, "bf16")
+    for est in search(w, cluster)[:10]:
+        cfg = load_config(None, train_overrides(w, est.layout))
+        dims = ParallelDims.from_config(cfg.parallel, est.layout.world)
+        assert grad_accum_steps(cfg, dims) * cfg.training.micro_batch_size * dims.dp_size == batch
+        check_offload(cfg, "cuda")
+        assert (cfg.model.dim, cfg.model.n_layers, cfg.data.seq_len) == (w.model.dim, w.model.n_layers, seq)

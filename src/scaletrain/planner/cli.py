@@ -10,7 +10,7 @@ from rich.console import Console
 from rich.table import Table
 
 from scaletrain.errors import UserError
-from scaletrain.planner.estimate import DTYPE_BYTES, Estimate, Workload
+from scaletrain.planner.estimate import DTYPE_BYTES, Estimate, Workload, train_overrides
 from scaletrain.planner.hardware import GIB, find_device, load_catalog, parse_cluster
 from scaletrain.planner.search import nearest_miss, resolve_model, search
 
@@ -84,8 +84,7 @@ def _print_table(estimates: list[Estimate], w: Workload, cluster, n_fit: int, n_
     if estimates and estimates[0].fits:
         best = estimates[0]
         console.print(f"best: {best.layout.describe()}; run it with: scaletrain train "
-                      + " ".join(f"--set {o}" for o in best.layout.config_overrides())
-                      + f" --set training.micro_batch_size={best.layout.micro_batch}")
+                      + " ".join(f"--set {o}" for o in train_overrides(w, best.layout)))
         comm = Table(title="communication per step of the best layout (one rank)")
         for col in ("collective", "group", "ranks", "calls", "GB", "link", "time s"):
             comm.add_column(col)
