@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 import httpx
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -90,3 +91,21 @@ def make_tiny_run(root: Path, config: Path, seed: int = 0) -> Path:
     import_hf(hf_dir, run / "checkpoints" / "step_00000004", cfg)
     (run / "config.toml").write_text(cfg.to_toml())
     return run
+
+
+def expected_greedy(run_dir, prompt: str, n: int) -> str:
+    """The argmax continuation from a plain full-sequence forward, over the tokenizer's ids."""
+    from scaletrain.data.tokenizer import ByteTokenizer
+    from scaletrain.serve.loader import load_model
+
+    loaded = load_model(run_dir)
+    tokens = torch.tensor([ByteTokenizer().encode(prompt)])
+    out = []
+    with torch.no_grad():
+        for _ in range(n):
+            token = int(loaded.model(tokens)[0, -1, :257].argmax())
+            if token == loaded.eos_id:
+                break
+            out.append(token)
+            tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
+    return ByteTokenizer().decode(out)

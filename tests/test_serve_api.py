@@ -11,10 +11,9 @@ import time
 
 import httpx
 import pytest
-import torch
 
 from harness import run_cli
-from serve_harness import ServerProcess, make_tiny_run
+from serve_harness import ServerProcess, expected_greedy, make_tiny_run
 
 openai = pytest.importorskip("openai")
 
@@ -35,24 +34,6 @@ def server(run_dir):
 @pytest.fixture(scope="module")
 def client(server):
     return openai.OpenAI(base_url=f"{server.url}/v1", api_key="unused", timeout=60, max_retries=0)
-
-
-def expected_greedy(run_dir, prompt: str, n: int) -> str:
-    """The argmax continuation from a plain full-sequence forward, over the tokenizer's ids."""
-    from scaletrain.data.tokenizer import ByteTokenizer
-    from scaletrain.serve.loader import load_model
-
-    loaded = load_model(run_dir)
-    tokens = torch.tensor([ByteTokenizer().encode(prompt)])
-    out = []
-    with torch.no_grad():
-        for _ in range(n):
-            token = int(loaded.model(tokens)[0, -1, :257].argmax())
-            if token == loaded.eos_id:
-                break
-            out.append(token)
-            tokens = torch.cat([tokens, torch.tensor([[token]])], dim=1)
-    return ByteTokenizer().decode(out)
 
 
 def metric(server, name: str, label: str = "", headers: dict | None = None) -> float:

@@ -10,8 +10,7 @@ import httpx
 import psutil
 import pytest
 
-from serve_harness import ServerProcess, make_tiny_run
-from test_serve_api import expected_greedy
+from serve_harness import ServerProcess, expected_greedy, make_tiny_run
 
 PROMPTS = ["def ", "import sys\n", "class Foo(object):\n    def __init__(self):", "x"]
 

@@ -36,14 +36,6 @@ def serve(
                                   "auto (rows where max-num-seqs full contexts fit in memory)."),
 ) -> None:
     """Serve a model with an OpenAI-compatible API (continuous batching, paged KV cache, prefix caching)."""
-    import os
-    import sys
-
-    if "torch" not in sys.modules:
-        # OpenMP threads that spin between a step's kernels take the cores the
-        # HTTP event loop needs to stream tokens (c=1 output tok/s ~1.5x with
-        # PASSIVE at 2 threads, benchmarks/bench_serve.py). Read once, when torch loads.
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     from scaletrain.serve.server import ServeOptions, serve as run
 
     opts = ServeOptions(model, host, port, tp, dtype, max_num_seqs, max_batch_tokens, kv_cache_tokens,

@@ -21,7 +21,6 @@ import torch
 from scaletrain.errors import UserError
 
 DEFAULT_KV_MEMORY_FRACTION = 0.25  # of the available memory, when neither --kv-cache-* is given
-GIL_SWITCH_INTERVAL_S = 0.0005
 
 
 @dataclass
@@ -165,10 +164,6 @@ def _run_http(opts: ServeOptions, loaded, engine, workers) -> int:
     from scaletrain.serve.metrics import ServeMetrics
 
     name = opts.served_model_name or opts.model
-    # The engine thread holds the GIL through every step; the event loop that
-    # streams its tokens waits for a switch, 5 ms by default: longer than a
-    # decode step of a small model. 0.5 ms keeps the stream in step.
-    sys.setswitchinterval(GIL_SWITCH_INTERVAL_S)
     metrics = ServeMetrics(name)
     on_fatal = _fatal(workers)
     async_engine = AsyncEngine(engine, metrics, on_fatal).start()
