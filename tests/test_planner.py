@@ -225,9 +225,9 @@ def test_printed_train_commands_are_accepted_by_the_trainer(model, gpus, gpu, pe
     pipeline rules, offload on CUDA)."""
     from scaletrain.config import load_config
     from scaletrain.parallel.dims import ParallelDims, check_offload
-    from scaletrain.planner.estimate import Workload, train_overrides
+    from scaletrain.planner.estimate import Workload
     from scaletrain.planner.hardware import load_catalog, parse_cluster
-    from scaletrain.planner.search import resolve_model, search
+    from scaletrain.planner.search import resolve_model, search, train_overrides
     from scaletrain.train.checks import grad_accum_steps
 
     cluster = parse_cluster(load_catalog(), gpu, gpus, per_node)

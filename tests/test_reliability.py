@@ -312,3 +312,19 @@ def test_one_job_per_run_dir_signals_and_a_killed_launcher(tmp_path, debug_confi
                      timeout=90)
     assert fourth.returncode == 0, fourth.stderr
     assert "taking over the lock of pid" in fourth.stderr and "which is gone" in fourth.stderr
+
+
+def test_a_failed_final_write_leaves_no_partial_file_and_names_the_phase(tmp_path, monkeypatch):
+    from scaletrain.train import report
+    from scaletrain.train.failures import failure_line
+
+    def full_disk(state, path, metadata=None):
+        Path(path).write_bytes(b"half")
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(report, "save_file", full_disk)
+    with pytest.raises(OSError) as info:
+        report.write_outputs(tmp_path, 6, {"loss_last": 1.0}, {})
+    assert list(tmp_path.iterdir()) == []  # neither model.safetensors(.tmp) nor summary.json
+    line = failure_line(0, "at step 6 (writing outputs)", info.value, None)
+    assert line == "rank 0 failed at step 6 (writing outputs): OSError: [Errno 28] No space left on device"

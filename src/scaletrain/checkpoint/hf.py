@@ -98,16 +98,17 @@ def export_hf(ckpt_dir: Path, out_dir: Path, force: bool = False) -> Path:
     return out_dir
 
 
-def import_hf(hf_dir: Path, out_dir: Path, base_config: Config | None = None) -> Path:
-    """A HF Llama folder -> a model-only scaletrain checkpoint (use it with
-    ``checkpoint.init_from``); its config.toml carries the model shape."""
+def load_hf_model(hf_dir: Path, base_config: Config | None = None) -> tuple[Config, Llama, dict]:
+    """A HF Llama folder's model: the scaletrain config with its shape, the
+    model holding its weights (safetensors), and config.json as read."""
     config_path, weights_path = hf_dir / "config.json", hf_dir / "model.safetensors"
     for path in (config_path, weights_path):
         if not path.is_file():
             raise UserError(f"{path} does not exist (expected a HF folder with config.json and model.safetensors)")
     try:
-        shape = model_config_from_hf(json.loads(config_path.read_text()))
-    except (json.JSONDecodeError, KeyError) as exc:
+        config = json.loads(config_path.read_text())
+        shape = model_config_from_hf(config)
+    except (json.JSONDecodeError, KeyError, TypeError) as exc:
         raise UserError(f"{config_path}: not a Llama config ({exc})") from None
     cfg = base_config or load_config()
     cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **shape))
@@ -123,6 +124,13 @@ def import_hf(hf_dir: Path, out_dir: Path, base_config: Config | None = None) ->
     if missing or unexpected:
         raise UserError(f"{weights_path}: tensors do not match the config (missing {missing[:3]}, "
                         f"unexpected {unexpected[:3]})")
+    return cfg, model, config
+
+
+def import_hf(hf_dir: Path, out_dir: Path, base_config: Config | None = None) -> Path:
+    """A HF Llama folder -> a model-only scaletrain checkpoint (use it with
+    ``checkpoint.init_from``); its config.toml carries the model shape."""
+    cfg, model, _ = load_hf_model(hf_dir, base_config)
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.", dir=out_dir.parent))
     params = {f"model.{name}": p.detach() for name, p in model.named_parameters()}

@@ -87,6 +87,7 @@ class Watchdog:
         self._state = None
         self._progress_at = self.started_at = time.time()
         self.dead: list[int] = []
+        self.late: list[int] = []  # ranks without a recent heartbeat, as last seen
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, name="scaletrain-watchdog", daemon=True)
 
@@ -158,14 +159,9 @@ class Watchdog:
             _exit(1)
 
     def missing_ranks(self) -> list[int]:
-        """Ranks whose heartbeat is older than three intervals (for the alerts)."""
-        now = time.time()
-        try:
-            beats = self.heartbeats()
-        except Exception:
-            return []
-        return [r for r in range(self.world_size) if r not in beats or (
-            beats[r]["phase"] != "done" and now - beats[r]["published_at"] > 3 * self.interval)]
+        """Ranks whose heartbeat was older than three intervals at the watchdog
+        thread's last look (for the alerts: no store reads on the training thread)."""
+        return list(self.late)
 
     def heartbeats(self) -> dict[int, dict]:
         beats = {}
@@ -178,6 +174,8 @@ class Watchdog:
     def _find_hang(self) -> str | None:
         now = time.time()
         beats = self.heartbeats()
+        self.late = [r for r in range(self.world_size) if r not in beats or (
+            beats[r]["phase"] != "done" and now - beats[r]["published_at"] > 3 * self.interval)]
         host = socket.gethostname()
         dead = [r for r, b in beats.items() if b["phase"] != "done" and b.get("host") == host
                 and not _alive(b["pid"])]

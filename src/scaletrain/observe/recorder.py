@@ -59,8 +59,7 @@ class Recorder:
         if not self.enabled:
             return
         self.close_files()
-        for name in FILES:
-            truncate_jsonl(self.run_dir / name, step)
+        truncate_records(self.run_dir, step)
         self._open()
 
     def close_files(self) -> None:
@@ -74,6 +73,12 @@ class Recorder:
             exporter.close()
         if self.alerts is not None:
             self.alerts.close()
+
+
+def truncate_records(run_dir: Path, step: int) -> None:
+    """metrics.jsonl and ranks.jsonl without the steps after ``step``."""
+    for name in FILES:
+        truncate_jsonl(run_dir / name, step)
 
 
 def truncate_jsonl(path: Path, step: int) -> None:

@@ -10,9 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from scaletrain.errors import UserError
-from scaletrain.planner.estimate import DTYPE_BYTES, Estimate, Workload, train_overrides
+from scaletrain.planner.estimate import DTYPE_BYTES, Estimate, Workload
 from scaletrain.planner.hardware import GIB, find_device, load_catalog, parse_cluster
-from scaletrain.planner.search import nearest_miss, resolve_model, search
+from scaletrain.planner.search import nearest_miss, resolve_model, search, train_overrides
 
 
 def run_plan(model_spec, gpus, gpu, gpus_per_node, seq_len, global_batch, dtype, config, top, as_json,

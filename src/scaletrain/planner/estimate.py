@@ -27,7 +27,7 @@ import functools
 import math
 from dataclasses import dataclass, field
 
-from scaletrain.config import MODEL_PRESETS, ModelConfig
+from scaletrain.config import ModelConfig
 from scaletrain.model.counts import train_flops_per_token
 from scaletrain.planner import formulas
 from scaletrain.planner.hardware import GIB, Cluster, Device
@@ -91,23 +91,6 @@ class Layout:
             out += [f"parallel.pp_schedule={self.pp_schedule}", f"parallel.pp_virtual_stages={self.virtual_stages}",
                     f"parallel.pp_microbatches={self.pp_microbatches}"]
         return out
-
-
-def train_overrides(w: "Workload", layout: Layout) -> list[str]:
-    """Every ``--set`` the trainer needs to run this layout on this workload:
-    the layout, its micro batch and offload, the batch, sequence length,
-    dtype and the model (a preset by name, any other shape key by key)."""
-    out = layout.config_overrides() + [
-        f"training.micro_batch_size={layout.micro_batch}", f"training.global_batch_size={w.global_batch}",
-        f"data.seq_len={w.seq_len}", f"training.dtype={w.dtype}",
-        f"parallel.cpu_offload={str(layout.cpu_offload).lower()}", f"model.name={w.model.name}"]
-    preset = MODEL_PRESETS.get(w.model.name, {})
-    for f in _MODEL_FIELDS:
-        value = getattr(w.model, f.name)
-        if f.name != "name" and preset.get(f.name, value) != value and not (f.name == "vocab_size" and
-                                                                             preset.get(f.name) == 0):
-            out.append(f"model.{f.name}={str(value).lower() if isinstance(value, bool) else value}")
-    return out
 
 
 @dataclass(frozen=True)

@@ -138,3 +138,20 @@ def nearest_miss(estimates: list[Estimate], cluster: Cluster) -> str:
     how = f"{lay.describe()}, micro-batch {lay.micro_batch}" + (f" with {' and '.join(extra)}" if extra else "")
     return (f"no layout fits: the smallest needs {best.total_bytes / GIB:.1f} GiB per GPU ({how}); "
             f"{cluster.device.memory_gib:g} GiB available")
+
+
+def train_overrides(w: Workload, layout: Layout) -> list[str]:
+    """Every ``--set`` the trainer needs to run this layout on this workload:
+    the layout, its micro batch and offload, the batch, sequence length,
+    dtype and the model (a preset by name, any other shape key by key)."""
+    out = layout.config_overrides() + [
+        f"training.micro_batch_size={layout.micro_batch}", f"training.global_batch_size={w.global_batch}",
+        f"data.seq_len={w.seq_len}", f"training.dtype={w.dtype}",
+        f"parallel.cpu_offload={str(layout.cpu_offload).lower()}", f"model.name={w.model.name}"]
+    preset = MODEL_PRESETS.get(w.model.name, {})
+    for f in dataclasses.fields(ModelConfig):
+        value = getattr(w.model, f.name)
+        if f.name != "name" and preset.get(f.name, value) != value and not (f.name == "vocab_size" and
+                                                                             preset.get(f.name) == 0):
+            out.append(f"model.{f.name}={str(value).lower() if isinstance(value, bool) else value}")
+    return out

@@ -77,35 +77,15 @@ def _load_checkpoint(ckpt_dir: Path) -> LoadedModel:
 
 
 def _load_hf(folder: Path) -> LoadedModel:
-    from scaletrain.checkpoint.hf import _from_hf_name, model_config_from_hf, read_safetensors
-    from scaletrain.config import load_config, validate
+    from scaletrain.checkpoint.hf import load_hf_model
     from scaletrain.data.tokenizer import HFTokenizer
-    from scaletrain.model import Llama
 
-    config_path, weights_path, tokenizer_path = (folder / n for n in ("config.json", "model.safetensors",
-                                                                      "tokenizer.json"))
+    weights_path, tokenizer_path = folder / "model.safetensors", folder / "tokenizer.json"
     for needed in (weights_path, tokenizer_path):
         if not needed.is_file():
             raise UserError(f"MODEL {folder}: {needed.name} is missing (a HF Llama folder needs config.json, "
                             "model.safetensors and tokenizer.json)")
-    try:
-        config = json.loads(config_path.read_text())
-        shape = model_config_from_hf(config)
-    except (json.JSONDecodeError, KeyError, TypeError) as exc:
-        raise UserError(f"{config_path}: not a Llama config ({exc})") from None
-    cfg = load_config()
-    cfg = dataclasses.replace(cfg, model=dataclasses.replace(cfg.model, **shape))
-    validate(cfg)
-    model = Llama(cfg.model)
-    weights = {_from_hf_name(k): v for k, v in read_safetensors(weights_path).items()}
-    try:
-        missing, unexpected = model.load_state_dict(weights, strict=False)
-    except RuntimeError as exc:
-        raise UserError(f"{weights_path}: tensors do not match {config_path} ({str(exc).splitlines()[-1]})") from None
-    missing = [k for k in missing if not (k == "lm_head.weight" and cfg.model.tie_embeddings)]
-    if missing or unexpected:
-        raise UserError(f"{weights_path}: tensors do not match the config (missing {missing[:3]}, "
-                        f"unexpected {unexpected[:3]})")
+    _, model, config = load_hf_model(folder)
     tokenizer = HFTokenizer(tokenizer_path)
     tok_config = _read_json(folder / "tokenizer_config.json")
     eos_id = _eos_id(tokenizer, tok_config, config)

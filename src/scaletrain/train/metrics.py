@@ -1,13 +1,10 @@
-"""Per-step metrics: memory peaks, achieved FLOP/s and MFU, and the
-``metrics.jsonl`` writer."""
+"""Per-step metrics: memory peaks and limits, achieved FLOP/s and MFU."""
 
 from __future__ import annotations
 
-import json
 import os
 import resource
 import sys
-from pathlib import Path
 
 import torch
 
@@ -35,29 +32,11 @@ def memory_limit_bytes(device: torch.device) -> int | None:
     cgroup limit or the machine's RAM."""
     if device.type == "cuda":
         return torch.cuda.get_device_properties(device).total_memory
-    for limit in ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory/memory.limit_in_bytes"):
-        try:
-            text = Path(limit).read_text().strip()
-            if text != "max" and int(text) < 2**60:
-                return int(text)
-        except (OSError, ValueError):
-            continue
+    from scaletrain.train.preflight import cgroup_memory
+
+    if (cgroup := cgroup_memory()) is not None:
+        return cgroup[0]
     try:
         return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
     except (ValueError, OSError):
         return None
-
-
-class MetricsWriter:
-    """Appends one JSON object per logged step to ``metrics.jsonl`` (rank 0 only)."""
-
-    def __init__(self, path: Path | None):
-        self.file = path.open("a", buffering=1) if path is not None else None
-
-    def write(self, record: dict) -> None:
-        if self.file is not None:
-            self.file.write(json.dumps(record) + "\n")
-
-    def close(self) -> None:
-        if self.file is not None:
-            self.file.close()

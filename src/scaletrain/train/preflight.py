@@ -29,7 +29,8 @@ def available_bytes(device_type: str) -> int | None:
         import torch
 
         return min(torch.cuda.mem_get_info(i)[0] for i in range(torch.cuda.device_count()))
-    limits = [_meminfo_available(), _cgroup_headroom()]
+    cgroup = cgroup_memory()
+    limits = [_meminfo_available(), cgroup[0] - cgroup[1] if cgroup else None]
     known = [b for b in limits if b is not None]
     return min(known) if known else None
 
@@ -44,8 +45,9 @@ def _meminfo_available() -> int | None:
     return None
 
 
-def _cgroup_headroom() -> int | None:
-    """cgroup v2 memory.max - memory.current (v1: limit_in_bytes - usage_in_bytes)."""
+def cgroup_memory() -> tuple[int, int] | None:
+    """(limit, usage) bytes of this process's cgroup: v2 memory.max and
+    memory.current, else v1's limit and usage; None when unlimited or unknown."""
     for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
                          ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
                           "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
@@ -53,7 +55,7 @@ def _cgroup_headroom() -> int | None:
             text = Path(limit).read_text().strip()
             if text == "max" or int(text) >= 2**60:  # unlimited
                 return None
-            return int(text) - int(Path(usage).read_text())
+            return int(text), int(Path(usage).read_text())
         except (OSError, ValueError):
             continue
     return None

@@ -30,7 +30,7 @@ from scaletrain.debug.watchdog import Watchdog
 from scaletrain.model import Llama, cross_entropy_loss, train_flops_per_token
 from scaletrain.observe.breakdown import ResourceSampler, StepTimer, find_stragglers, gather_rows, mean_phases
 from scaletrain.observe.events import append_event, read_events
-from scaletrain.observe.recorder import Recorder, build_recorder
+from scaletrain.observe.recorder import Recorder, build_recorder, truncate_records
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
 from scaletrain.parallel.runtime import Runtime, bind_training_thread
 from scaletrain.train import report
@@ -126,7 +126,7 @@ class Trainer:
         if choice[0]:
             self.step = self.checkpoints.load(Path(choice[0]))
             if self.runtime.is_main:
-                Recorder(self.run_dir, enabled=True).truncate(self.step)
+                truncate_records(self.run_dir, self.step)
             restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
             if restart and self.runtime.is_main:
                 append_event(self.run_dir, "restart", self.step, self.runtime.rank,
