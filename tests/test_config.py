@@ -15,9 +15,11 @@ PUBLIC_KEYS = {
                  "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype", "activation_checkpointing",
                  "compile", "on_nonfinite", "max_bad_steps", "spike_zscore", "spike_window", "on_oom"],
     "parallel": ["dp_replicate", "dp_shard", "tp", "pp", "zero_stage", "sequence_parallel", "pp_schedule",
-                 "pp_microbatches", "pp_virtual_stages", "cpu_offload", "ddp_bucket_cap_mb"],
+                 "pp_microbatches", "pp_virtual_stages", "cpu_offload", "ddp_bucket_cap_mb", "dp_allreduce",
+                 "grad_compression"],
     "checkpoint": ["enable", "dir", "interval", "mtbf_hours", "keep_last", "async", "resume", "init_from", "on_error"],
-    "debug": ["stop_at_step", "measure_step", "hang_timeout", "inject_fault", "straggler_factor"],
+    "debug": ["stop_at_step", "measure_step", "hang_timeout", "inject_fault", "straggler_factor",
+              "supported_dtypes"],
     "logging": ["interval", "sample_tokens", "breakdown", "tensorboard", "wandb", "prometheus_port", "prometheus_host",
                 "alert_webhook"],
 }

@@ -132,6 +132,13 @@ class ParallelConfig:
                                     "/ zbv, else 1")
     cpu_offload: bool = _f(False, "ZeRO-3: keep sharded parameters and optimizer states in CPU memory (CUDA only)")
     ddp_bucket_cap_mb: float = _f(25.0, "DDP gradient bucket size in MiB", minimum=0.0)
+    dp_allreduce: str = _f("flat", "DDP's gradient all-reduce: 'flat' over all data-parallel ranks, or "
+                                   "'hierarchical': reduce-scatter inside each node, all-reduce of the shard "
+                                   "across nodes, all-gather inside the node (plain DDP only)",
+                           ("flat", "hierarchical"))
+    grad_compression: str = _f("none", "compress DDP's gradients: none, bf16, powersgd:RANK (PowerSGD with "
+                                       "rank-RANK factors) or topk:FRACTION (the largest entries; both with error "
+                                       "feedback); plain DDP only")
 
 
 @dataclass
@@ -169,6 +176,8 @@ class DebugConfig:
     straggler_factor: float = _f(1.5, "a rank whose step time exceeds the median by this factor is reported "
                                       "as a straggler (checked every logging.interval steps); 0 = off",
                                  minimum=0.0)
+    supported_dtypes: str = _f("", "testing precision negotiation: the dtypes ranks claim their device supports, "
+                                   "RANK:DTYPE/DTYPE,... (e.g. '1:fp16/fp32'); other ranks report their device")
 
 
 @dataclass
@@ -353,6 +362,54 @@ FAULT_KINDS = ("extra_collective", "fewer_batches", "swallow_exception", "sleep"
                "oom")
 
 
+COMPRESSIONS = ("none", "bf16", "powersgd:RANK", "topk:FRACTION")
+DTYPE_PREFERENCE = ("bf16", "fp16", "fp32")  # best first: bf16 needs no loss scaling, fp16 does
+
+
+def parse_compression(text: str) -> tuple[str, float]:
+    """parallel.grad_compression -> (kind, argument), e.g. ('powersgd', 4), ('topk', 0.01), ('none', 0)."""
+    kind, _, arg = text.partition(":")
+    try:
+        if kind in ("none", "bf16") and not arg:
+            return kind, 0
+        if kind == "powersgd" and int(arg) >= 1:
+            return kind, int(arg)
+        if kind == "topk" and 0 < float(arg) <= 1:  # nan fails both comparisons
+            return kind, float(arg)
+    except ValueError:
+        pass
+    raise UserError(f"parallel.grad_compression = {text!r}; allowed: {', '.join(COMPRESSIONS)} with RANK an "
+                    "integer >= 1 and 0 < FRACTION <= 1 (e.g. powersgd:4, topk:0.01)")
+
+
+def parse_supported_dtypes(text: str) -> dict[int, tuple[str, ...]]:
+    """debug.supported_dtypes = '1:fp16/fp32,2:fp32' -> {1: ('fp16', 'fp32'), 2: ('fp32',)}."""
+    out: dict[int, tuple[str, ...]] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        rank, _, names = item.partition(":")
+        dtypes = tuple(names.split("/"))
+        if not rank.isdigit() or int(rank) in out or not all(d in DTYPE_PREFERENCE for d in dtypes):
+            raise UserError(f"debug.supported_dtypes = {text!r}; allowed: RANK:DTYPE[/DTYPE...] separated by "
+                            f"commas, each rank once, DTYPE one of {', '.join(DTYPE_PREFERENCE)} (e.g. '1:fp16/fp32')")
+        out[int(rank)] = dtypes
+    return out
+
+
+def check_comm_hooks(p: "ParallelConfig") -> None:
+    """Hierarchical all-reduce and compression are DDP communication hooks."""
+    kind, _ = parse_compression(p.grad_compression)
+    if kind == "none" and p.dp_allreduce == "flat":
+        return
+    key, value = ("grad_compression", p.grad_compression) if kind != "none" else ("dp_allreduce", p.dp_allreduce)
+    if p.zero_stage != 0 or p.dp_shard not in (-1, 1) or p.tp != 1 or p.pp != 1:
+        raise UserError(f"parallel.{key} = {value!r} is a DDP communication hook and needs plain DDP "
+                        f"(zero_stage = 0, dp_shard = 1, tp = 1, pp = 1); this config has zero_stage = "
+                        f"{p.zero_stage}, dp_shard = {p.dp_shard}, tp = {p.tp}, pp = {p.pp}")
+    if kind != "none" and p.dp_allreduce != "flat":
+        raise UserError(f"parallel.grad_compression = {p.grad_compression!r} with parallel.dp_allreduce = "
+                        f"{p.dp_allreduce!r}: choose one of them (the hierarchical all-reduce does not compress)")
+
+
 def parse_fault(text: str) -> tuple[str, int, int]:
     """debug.inject_fault = KIND:RANK:STEP -> (kind, rank, step)."""
     parts = text.split(":")
@@ -425,6 +482,8 @@ def validate(cfg: Config) -> None:
                         "zero_stage 2/3, tp or pp")
     if p.cpu_offload and p.zero_stage != 3:
         raise UserError(f"parallel.cpu_offload = true needs parallel.zero_stage = 3 (is {p.zero_stage})")
+    check_comm_hooks(p)
+    parse_supported_dtypes(cfg.debug.supported_dtypes)
     if p.pp > 1:
         check_pipeline(cfg)
 

@@ -61,6 +61,11 @@ class ParallelModel:
             part.set_requires_gradient_sync(enabled)
         return contextlib.nullcontext()
 
+    def comm_metrics(self) -> dict:
+        """Gradient bytes sent since the last call, where a DDP comm hook counts them (comm_hooks.CommStats)."""
+        stats = getattr(self.parts[0], "comm_stats", None)
+        return stats.take() if stats is not None else {}
+
     def group(self, name: str):
         """The process group of one mesh dimension, or None if it has one rank."""
         if self.mesh is None or getattr(self.dims, name) == 1:

@@ -26,13 +26,15 @@ from torch.distributed.fsdp._fully_shard._fsdp_api import AllGather, ReduceScatt
 from torch.nn.parallel import DistributedDataParallel
 
 from scaletrain.config import Config
+from scaletrain.parallel.comm_hooks import register_comm_hook
 from scaletrain.parallel.dims import check_offload
 
 PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
 
 
 def apply_ddp(model: nn.Module, dp_mesh, cfg: Config, device: torch.device) -> nn.Module:
-    return DistributedDataParallel(
+    """DDP, with the communication hook parallel.dp_allreduce / grad_compression asks for."""
+    ddp = DistributedDataParallel(
         model,
         device_ids=[device.index] if device.type == "cuda" else None,
         process_group=dp_mesh.get_group(),
@@ -40,6 +42,8 @@ def apply_ddp(model: nn.Module, dp_mesh, cfg: Config, device: torch.device) -> n
         gradient_as_bucket_view=True,
         **_no_buffer_sync(),
     )
+    ddp.comm_stats = register_comm_hook(ddp, dp_mesh.get_group(), cfg.parallel, device.type)
+    return ddp
 
 
 def _no_buffer_sync() -> dict:

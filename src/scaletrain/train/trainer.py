@@ -40,6 +40,7 @@ from scaletrain.train.health import APPLY, StepGuard, act_on_verdict, apply_reco
 from scaletrain.train.measure import StepProbe
 from scaletrain.train.metrics import device_peak_flops, mem_peak_bytes, memory_limit_bytes
 from scaletrain.train.optim import build_scheduler
+from scaletrain.train.precision import negotiate_precision
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -48,6 +49,7 @@ class Trainer:
     def __init__(self, cfg: Config, run_dir: Path, runtime: Runtime, show_progress: bool = True):
         self.runtime, self.run_dir = runtime, run_dir
         cfg = apply_recoveries(cfg, read_events(run_dir))  # an earlier attempt ran out of memory
+        cfg = negotiate_precision(cfg, runtime, run_dir)  # the best dtype every rank's device supports
         self.dims = ParallelDims.from_config(cfg.parallel, runtime.world_size)
         self.accum = grad_accum_steps(cfg, self.dims)
         self.pp_microbatches = pipeline_microbatches(cfg) if self.dims.pp > 1 else 1
@@ -225,6 +227,7 @@ class Trainer:
             "flops_per_s_per_device": flops_per_s / self.runtime.world_size,
             "mfu": flops_per_s / self.runtime.world_size / self.peak_flops if self.peak_flops else None,
         }
+        record.update(self.model.comm_metrics())  # bytes of the gradient collectives (DDP comm hooks)
         if self.action != APPLY:
             record.update(skipped=True, skip_reason=why)
         return record
