@@ -35,7 +35,7 @@ def test_command_surface_is_frozen():
 
     command = typer.main.get_command(app)
     assert set(command.commands) == {"train", "config", "checkpoint", "plan", "doctor", "bench", "launch", "serve",
-                                     "runs", "allocate", "dashboard"}
+                                     "runs", "allocate", "dashboard", "router"}
     assert set(command.commands["launch"].commands) == {"slurm", "k8s"}
     assert set(command.commands["bench"].commands) == {"comm", "serve"}
     assert set(command.commands["config"].commands) == {"show", "keys", "import-deepspeed"}

@@ -156,9 +156,10 @@ from scaletrain.launch.cli import allocate, launch_app  # noqa: E402  (typer onl
 app.add_typer(launch_app, name="launch")
 app.command("allocate")(allocate)
 
-from scaletrain.serve.cli import bench_serve, serve  # noqa: E402  (typer only; the work loads on use)
+from scaletrain.serve.cli import bench_serve, router, serve  # noqa: E402  (typer only; the work loads on use)
 
 app.command("serve")(serve)
+app.command("router")(router)
 bench_app.command("serve")(bench_serve)
 
 

@@ -42,6 +42,7 @@ class ServerState:
     api_key: str | None = None
     max_queue: int = 256
     created: int = 0
+    root: str | None = None  # the checkpoint or folder the weights came from (vLLM's `root`)
 
 
 def build_app(state: ServerState) -> FastAPI:
@@ -76,7 +77,8 @@ def build_app(state: ServerState) -> FastAPI:
     @app.get("/v1/models")
     async def models():
         return {"object": "list", "data": [{"id": state.model_name, "object": "model", "created": state.created,
-                                            "owned_by": "scaletrain", "max_model_len": state.max_model_len}]}
+                                            "owned_by": "scaletrain", "max_model_len": state.max_model_len,
+                                            "root": state.root}]}
 
     @app.post("/v1/completions")
     async def completions(request: Request):

@@ -3,14 +3,17 @@ serve``. Only typer at import time; the work loads when a command runs."""
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import List, Optional
 
 import typer
 
+from scaletrain.serve.fleet import cli as fleet_cli
+from scaletrain.serve.fleet.cli import router  # noqa: F401  (registered by scaletrain.cli)
+
 
 def serve(
-    model: str = typer.Argument(..., help="A scaletrain checkpoint directory, a run directory (its newest valid "
-                                "checkpoint) or a HF Llama folder."),
+    model: Optional[str] = typer.Argument(None, help="A scaletrain checkpoint directory, a run directory (its "
+                                          "newest valid checkpoint) or a HF Llama folder."),
     host: str = typer.Option("127.0.0.1", "--host", help="Address to bind (0.0.0.0 to accept remote clients)."),
     port: int = typer.Option(8000, "--port", help="Port to listen on."),
     tp: int = typer.Option(1, "--tp", help="Tensor-parallel processes holding the model split Megatron-style."),
@@ -34,14 +37,62 @@ def serve(
     attention: str = typer.Option("auto", "--attention", help="CPU attention: rows (a contiguous K/V row per "
                                   "running sequence, no per-step gather), gather (copy blocks every step), or "
                                   "auto (rows where max-num-seqs full contexts fit in memory)."),
+    model_specs: List[str] = typer.Option([], "--model", help="NAME=PATH, repeatable: several models by name, "
+                                          "loaded on first use, least recently used evicted past the budget."),
+    model_memory_budget: Optional[str] = typer.Option(None, "--model-memory-budget", help="Bytes for the loaded "
+                                                      "models of one process (e.g. 8G; default half the free "
+                                                      "memory)."),
+    replicas: Optional[int] = typer.Option(None, "--replicas", help="Engine processes behind a router (a fleet)."),
+    router_port: Optional[int] = typer.Option(None, "--router-port", help="The router's port (default --port)."),
+    strategy: str = fleet_cli.STRATEGY,
+    weights: Optional[str] = fleet_cli.WEIGHTS,
+    prefix_threshold: int = fleet_cli.PREFIX_THRESHOLD,
+    session_header: str = fleet_cli.SESSION_HEADER,
+    retries: int = fleet_cli.RETRIES,
+    connect_timeout: float = fleet_cli.CONNECT_TIMEOUT,
+    read_timeout: float = fleet_cli.READ_TIMEOUT,
+    no_cache: bool = fleet_cli.NO_CACHE,
+    cache_bytes: str = fleet_cli.CACHE_BYTES,
+    cache_ttl: float = fleet_cli.CACHE_TTL,
+    min_replicas: Optional[int] = typer.Option(None, "--min-replicas", help="Autoscaling: fewest replicas."),
+    max_replicas: Optional[int] = typer.Option(None, "--max-replicas", help="Autoscaling: most replicas."),
+    target_ongoing_requests: float = typer.Option(2.0, "--target-ongoing-requests", help="Autoscaling: requests "
+                                                  "in flight per replica to aim for (Ray Serve's default 2)."),
+    upscale_delay: float = typer.Option(30.0, "--upscale-delay", help="Autoscaling: seconds a wish for more "
+                                        "replicas must hold."),
+    downscale_delay: float = typer.Option(600.0, "--downscale-delay", help="Autoscaling: seconds a wish for "
+                                          "fewer replicas must hold."),
+    look_back: float = typer.Option(30.0, "--look-back", help="Autoscaling: seconds of in-flight samples "
+                                    "averaged."),
+    replica_threads: Optional[str] = typer.Option(None, "--replica-threads", help="torch threads per replica, "
+                                                  "in order (e.g. 2,1; default the cores shared out)."),
+    follow: bool = typer.Option(False, "--follow", help="MODEL is a training run: roll the replicas to each new "
+                                "valid checkpoint, one at a time."),
 ) -> None:
-    """Serve a model with an OpenAI-compatible API (continuous batching, paged KV cache, prefix caching)."""
+    """Serve a model with an OpenAI-compatible API (continuous batching, paged KV cache, prefix caching);
+    with --replicas, a fleet of engines behind a router."""
+    from scaletrain.errors import UserError
     from scaletrain.serve.server import ServeOptions, serve as run
 
+    if (model is None) == (not model_specs):
+        raise UserError("give MODEL or --model NAME=PATH (repeatable), not both" if model else
+                        "missing MODEL (a checkpoint, run directory or HF folder) or --model NAME=PATH")
     opts = ServeOptions(model, host, port, tp, dtype, max_num_seqs, max_batch_tokens, kv_cache_tokens,
                         kv_cache_bytes, block_size, api_key, served_model_name, max_queue, not no_prefix_caching,
-                        grace, threads, attention)
-    raise typer.Exit(run(opts))
+                        grace, threads, attention, tuple(model_specs), model_memory_budget)
+    if replicas is None and min_replicas is None and max_replicas is None and not follow:
+        raise typer.Exit(run(opts))
+    from scaletrain.serve.fleet.fleet import FleetOptions, run_fleet
+    from scaletrain.serve.server import check_options
+
+    check_options(opts)
+    ropts = fleet_cli.router_options(host, router_port if router_port is not None else port, strategy, weights,
+                                     prefix_threshold, session_header, retries, connect_timeout, read_timeout,
+                                     no_cache, cache_bytes, cache_ttl, grace, api_key)
+    count = replicas if replicas is not None else (min_replicas or 1)
+    fopts = FleetOptions(count, min_replicas, max_replicas, target_ongoing_requests, upscale_delay,
+                         downscale_delay, look_back, fleet_cli.parse_threads(replica_threads), follow)
+    raise typer.Exit(run_fleet(model, fleet_cli.replica_args(opts), ropts, fopts))
 
 
 def bench_serve(

@@ -42,6 +42,8 @@ class ServeOptions:
     grace_s: float = 30.0
     threads: int | None = None
     attention: str = "auto"  # rows, gather, or auto (rows where they fit in memory)
+    models: tuple[str, ...] = ()  # NAME=PATH: several models, loaded on first use (serve/fleet/replica.py)
+    model_memory_budget: str | None = None  # bytes for the loaded models together (default: half the free memory)
 
 
 def check_options(opts: ServeOptions) -> None:
@@ -126,6 +128,10 @@ def serve(opts: ServeOptions) -> int:
     check_options(opts)
     if opts.threads:
         torch.set_num_threads(opts.threads)
+    if opts.models:
+        from scaletrain.serve.fleet.replica import serve_models
+
+        return serve_models(opts)
     loaded = load_model(Path(opts.model), opts.dtype)  # a bad MODEL fails before any worker starts
     if opts.tp > 1:
         check_tp(loaded.model.cfg, opts.tp)
@@ -157,8 +163,6 @@ def _fatal(workers):
 
 
 def _run_http(opts: ServeOptions, loaded, engine, workers) -> int:
-    import uvicorn
-
     from scaletrain.serve.api import ServerState, build_app
     from scaletrain.serve.async_engine import AsyncEngine
     from scaletrain.serve.metrics import ServeMetrics
@@ -170,8 +174,26 @@ def _run_http(opts: ServeOptions, loaded, engine, workers) -> int:
     if workers is not None:
         workers.watch(on_fatal)
     state = ServerState(async_engine, metrics, loaded.tokenizer, loaded.chat_template, name,
-                        loaded.model.cfg.max_seq_len, engine.vocab_limit, opts.api_key, opts.max_queue, int(time.time()))
-    config = uvicorn.Config(build_app(state), host=opts.host, port=opts.port, log_level="warning",
+                        loaded.model.cfg.max_seq_len, engine.vocab_limit, opts.api_key, opts.max_queue, int(time.time()),
+                        str(loaded.checkpoint))
+    cfg = loaded.model.cfg
+    banner = (f"serving {name} ({loaded.checkpoint}; {cfg.n_layers} layers, dim {cfg.dim}, context {cfg.max_seq_len}, "
+              f"tp {opts.tp}, KV cache {engine.cfg.num_blocks} blocks x {engine.cfg.block_size} tokens, attention "
+              f"{opts.attention}) on http://{opts.host}:{opts.port}")
+
+    def cleanup() -> None:
+        async_engine.shutdown()
+        if workers is not None:
+            workers.stop()
+
+    return run_app(opts, build_app(state), banner, cleanup)
+
+
+def run_app(opts: ServeOptions, app, banner: str, cleanup) -> int:
+    """uvicorn on opts.host:port until SIGINT/SIGTERM (graceful for opts.grace_s), then ``cleanup()``."""
+    import uvicorn
+
+    config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=opts.grace_s, lifespan="off")
     server = uvicorn.Server(config)
     received: list[int] = []
@@ -179,19 +201,13 @@ def _run_http(opts: ServeOptions, loaded, engine, workers) -> int:
     # graceful shutdown: record it instead of dying by it.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: received.append(signum))
-    cfg = loaded.model.cfg
-    print(f"serving {name} ({loaded.checkpoint}; {cfg.n_layers} layers, dim {cfg.dim}, context {cfg.max_seq_len}, "
-          f"tp {opts.tp}, KV cache {engine.cfg.num_blocks} blocks x {engine.cfg.block_size} tokens, attention "
-          f"{opts.attention}) "
-          f"on http://{opts.host}:{opts.port}", flush=True)
+    print(banner, flush=True)
     try:
         server.run()
     except SystemExit:  # uvicorn exits when it cannot bind
         pass
     finally:
-        async_engine.shutdown()
-        if workers is not None:
-            workers.stop()
+        cleanup()
     if not server.started:
         raise UserError(f"could not listen on {opts.host}:{opts.port} (in use?)")
     print(f"stopped{' by signal ' + str(received[0]) if received else ''}", flush=True)

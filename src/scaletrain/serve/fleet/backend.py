@@ -1,0 +1,84 @@
+"""One upstream engine as the router sees it: its URL, a circuit breaker, the
+requests in flight, an EWMA of time to first token, the models it holds, and
+whether it is draining.
+
+Circuit breaker (Nygard, *Release It!*, ch. 5; Envoy's outlier detection):
+``closed`` lets everything through and counts consecutive failures; at
+``failure_threshold`` (or at once on a refused connection, which means the
+process is gone) it turns ``open`` and takes no requests for ``open_s``; then
+``half_open`` lets one trial through (a request or the active probe), whose
+success closes it and whose failure opens it again."""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
+STATE_CODES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}  # the value of the breaker-state gauge
+
+
+@dataclass
+class CircuitBreaker:
+    failure_threshold: int = 3
+    open_s: float = 2.0
+    state: str = CLOSED
+    failures: int = 0
+    opened_at: float = 0.0
+    trial_in_flight: bool = False
+
+    def allows(self, now: float | None = None) -> bool:
+        """Whether a request may go to this backend now (claims the half-open trial)."""
+        now = time.monotonic() if now is None else now
+        if self.state == OPEN and now - self.opened_at >= self.open_s:
+            self.state, self.trial_in_flight = HALF_OPEN, False
+        if self.state == CLOSED:
+            return True
+        if self.state == HALF_OPEN and not self.trial_in_flight:
+            return True
+        return False
+
+    def available(self, now: float | None = None) -> bool:
+        """Like ``allows`` but without claiming anything (for listings and gauges)."""
+        now = time.monotonic() if now is None else now
+        if self.state == OPEN:
+            return now - self.opened_at >= self.open_s
+        return self.state == CLOSED or not self.trial_in_flight
+
+    def on_dispatch(self) -> None:
+        if self.state == HALF_OPEN:
+            self.trial_in_flight = True
+
+    def success(self) -> None:
+        self.state, self.failures, self.trial_in_flight = CLOSED, 0, False
+
+    def failure(self, fatal: bool = False, now: float | None = None) -> None:
+        self.failures += 1
+        if fatal or self.state == HALF_OPEN or self.failures >= self.failure_threshold:
+            self.state, self.trial_in_flight = OPEN, False
+            self.opened_at = time.monotonic() if now is None else now
+
+
+@dataclass(eq=False)
+class Backend:
+    url: str
+    weight: float = 1.0
+    breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
+    in_flight: int = 0
+    ewma_ttft_s: float | None = None
+    models: set[str] = field(default_factory=set)  # models loaded there (from its /v1/models)
+    served: dict[str, dict] = field(default_factory=dict)  # model id -> its /v1/models entry
+    draining: bool = False
+    ready: bool = False  # answered a health probe at least once
+    ewma_alpha: float = 0.3
+
+    @property
+    def name(self) -> str:
+        return self.url
+
+    def usable(self) -> bool:
+        return self.ready and not self.draining and self.breaker.available()
+
+    def observe_ttft(self, seconds: float) -> None:
+        prev = self.ewma_ttft_s
+        self.ewma_ttft_s = seconds if prev is None else self.ewma_alpha * seconds + (1 - self.ewma_alpha) * prev
