@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 import torch.distributed as dist
 
-CHECKS = ("versions", "devices", "shm", "disk", "rendezvous", "env", "gpu_health", "all_reduce")
+CHECKS = ("versions", "devices", "shm", "disk", "rendezvous", "env", "gpu_health", "all_reduce", "links")
 
 # (variable, predicate(value, context) -> problem or None)
 _DEPRECATED = {
@@ -188,10 +188,21 @@ def check_all_reduce(device: torch.device) -> dict:
                    "" if ok else "a rank computes wrong sums: bad GPU or interconnect; run scaletrain bench comm")
 
 
+def check_links(device: torch.device) -> dict:
+    """Intra- vs inter-node point-to-point bandwidth; names a slow link (debug.links)."""
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return _result("links", "PASS", "single process: no links to measure")
+    from scaletrain.debug.links import measure_links, summarize_links
+
+    rows = measure_links(device)
+    return {**_result("links", *summarize_links(rows)), "links": rows}
+
+
 def run_checks(names: list[str], directory: Path, master: str | None, device: torch.device) -> list[dict]:
     checks = {"versions": check_versions, "devices": check_devices, "shm": check_shm,
               "disk": lambda: check_disk(directory), "rendezvous": lambda: check_rendezvous(master),
-              "env": lint_env, "gpu_health": check_gpu_health, "all_reduce": lambda: check_all_reduce(device)}
+              "env": lint_env, "gpu_health": check_gpu_health, "all_reduce": lambda: check_all_reduce(device),
+              "links": lambda: check_links(device)}
     return [checks[name]() for name in names]
 
 

@@ -58,7 +58,11 @@ def init_runtime(timeout_s: float = 1800.0) -> Runtime:
         device, backend = torch.device("cpu"), "gloo"
     device_id = device if device.type == "cuda" else None
     restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
-    if restart == 0:
+    # The agents' own store is shared by all rendezvous rounds; with
+    # TORCH_DISABLE_SHARE_RDZV_TCP_STORE=1 each round gets a fresh one and needs
+    # no prefix (then a replacement node's agent, whose restart count is 0 while
+    # the survivors' is 1, joins cleanly: README "Multi-node").
+    if restart == 0 or os.environ.get("TORCHELASTIC_USE_AGENT_STORE") != "True":
         dist.init_process_group(backend=backend, timeout=timedelta(seconds=timeout_s), device_id=device_id)
     else:
         # After an elastic restart the agent's store still holds the previous
