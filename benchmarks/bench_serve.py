@@ -75,8 +75,8 @@ class Server:
                 self.proc.kill()
 
 
-def prepare_model(model: str | None, work: Path) -> tuple[Path, Path]:
-    """(scaletrain checkpoint or run dir, its HF export)."""
+def prepare_model(model: str | None, work: Path, export: bool = True) -> tuple[Path, Path | None]:
+    """(scaletrain checkpoint or run dir, its HF export unless ``export`` is False)."""
     from safetensors.torch import save_file
 
     from scaletrain.checkpoint.hf import _to_hf_name, export_hf, hf_config, import_hf
@@ -97,7 +97,7 @@ def prepare_model(model: str | None, work: Path) -> tuple[Path, Path]:
         kind, ckpt = find_weights(Path(model))
         if kind != "checkpoint":
             raise SystemExit("--model: give a scaletrain checkpoint or run directory (it is exported for transformers)")
-    return ckpt, export_hf(ckpt, work / "hf")
+    return ckpt, export_hf(ckpt, work / "hf") if export else None
 
 
 def greedy_texts(url: str, model: str, prompts: list[str], max_tokens: int) -> list[str]:

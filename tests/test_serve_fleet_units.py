@@ -126,6 +126,7 @@ def test_cache_keys_only_deterministic_requests():
     assert cache_key("/v1/completions", greedy) != cache_key("/v1/completions", {**greedy, "max_tokens": 5})
     assert cache_key("/v1/completions", greedy) != cache_key("/v1/chat/completions", greedy)
     assert cache_key("/v1/completions", greedy) != cache_key("/v1/completions", {**greedy, "stream": True})
+    assert cache_key("/v1/completions", greedy, "ckpt/step_4") != cache_key("/v1/completions", greedy, "ckpt/step_8")
     assert cache_key("/v1/completions", {**greedy, "temperature": 0.7}) is None
     assert cache_key("/v1/completions", {"model": "m", "prompt": "hi"}) is None  # OpenAI's default temperature 1
     assert cache_key("/v1/completions", {**greedy, "temperature": 0.7, "seed": 3}) is not None

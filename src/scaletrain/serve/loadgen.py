@@ -81,10 +81,11 @@ async def _one(client, model: str, prompt: str, max_tokens: int, extra: dict) ->
     return RequestResult(True, first - start, end - start, usage.completion_tokens, usage.prompt_tokens, gaps)
 
 
-async def run_load(base_url: str, model: str, prompts: list[str], concurrency: int, max_tokens: int,
+async def run_load(base_url: str, model: str, prompts: list, concurrency: int, max_tokens: int,
                    time_limit_s: float = 300.0, api_key: str = "none", extra: dict | None = None) -> dict:
     """Send every prompt once (``concurrency`` at a time, stopping at
-    ``time_limit_s``); the summary of the run."""
+    ``time_limit_s``); the summary of the run. A prompt is a string or a
+    (string, body fields of that request) pair, e.g. a session's ``user``."""
     import httpx
     from openai import AsyncOpenAI
 
@@ -98,7 +99,9 @@ async def run_load(base_url: str, model: str, prompts: list[str], concurrency: i
 
     async def worker():
         while not queue.empty() and time.perf_counter() < deadline:
-            results.append(await _one(client, model, queue.get_nowait(), max_tokens, extra or {}))
+            item = queue.get_nowait()
+            prompt, fields = item if isinstance(item, tuple) else (item, {})
+            results.append(await _one(client, model, prompt, max_tokens, {**(extra or {}), **fields}))
 
     start = time.perf_counter()
     await asyncio.wait_for(asyncio.gather(*(worker() for _ in range(concurrency))), timeout=time_limit_s + 60)

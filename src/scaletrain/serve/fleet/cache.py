@@ -20,15 +20,17 @@ from dataclasses import dataclass
 _IGNORED = ("user", "stream_options")
 
 
-def cache_key(path: str, body: dict) -> str | None:
-    """The key of a deterministic request, or None when its answer may vary."""
+def cache_key(path: str, body: dict, version: str = "") -> str | None:
+    """The key of a deterministic request, or None when its answer may vary.
+    ``version`` names the weights behind the model (the checkpoints the
+    backends serve), so that a roll to a new checkpoint misses the old answers."""
     temperature = body.get("temperature", 1.0)
     if not (temperature == 0 or body.get("seed") is not None):
         return None
     kept = {k: v for k, v in body.items() if k not in _IGNORED}
     if body.get("stream") and (body.get("stream_options") or {}).get("include_usage"):
         kept["include_usage"] = True  # a different event sequence
-    canonical = json.dumps([path, kept], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
+    canonical = json.dumps([path, version, kept], sort_keys=True, separators=(",", ":"), ensure_ascii=False)
     return hashlib.sha256(canonical.encode()).hexdigest()
 
 

@@ -61,7 +61,8 @@ async def handle(router, request: Request, path: str) -> Response:
     body = body if isinstance(body, dict) else None  # not ours to judge: any backend answers the error
     headers = {k: v for k, v in request.headers.items() if k in FORWARDED_HEADERS}
     stream = bool(body and body.get("stream"))
-    key = cache_key(path, body) if body is not None and router.cache is not None else None
+    key = cache_key(path, body, router.version_of(body.get("model"))) \
+        if body is not None and router.cache is not None else None
     may_read, may_store = cache_directives(request.headers.get("cache-control"))
     if router.cache is not None:
         result = "uncacheable" if key is None else ("bypass" if not may_read else None)
@@ -113,7 +114,7 @@ async def _try(router, backend: Backend, path: str, raw: bytes, headers: dict, s
         if upstream.status_code != 200:
             content = await _until_down(router, backend, request, upstream.aread())
             await upstream.aclose()
-            answer = Response(content, upstream.status_code, headers=_passed_headers(upstream))
+            answer = Response(content, upstream.status_code, headers=_passed_headers(upstream, backend))
             if upstream.status_code in RETRYABLE_STATUS:
                 release(False)
                 raise _Failed("status", f"{backend.name} answered {upstream.status_code}", answer)

@@ -75,6 +75,11 @@ class Router:
         backend.breaker.on_dispatch()
         return backend
 
+    def version_of(self, model) -> str:
+        """The checkpoints (vLLM's `root`) behind ``model`` on the usable backends, for the cache key."""
+        roots = {str(b.served.get(model, {}).get("root")) for b in self.pool.backends if b.usable()}
+        return "|".join(sorted(roots))
+
     def dispatched(self, backend: Backend, route: RouteRequest) -> None:
         backend.in_flight += 1
         self.metrics.requests.labels(backend.name).inc()

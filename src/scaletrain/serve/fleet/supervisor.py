@@ -149,6 +149,8 @@ class Supervisor:
 
     async def retire(self, replica: Replica, drain_s: float, grace_s: float) -> None:
         """Drain, stop and forget a replica (scale-down)."""
+        print(f"draining replica on port {replica.port} ({replica.backend.in_flight} in flight)", file=sys.stderr,
+              flush=True)
         await self.drain(replica, drain_s)
         await self.stop(replica, grace_s)
         self.replicas.remove(replica)
