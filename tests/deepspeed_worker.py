@@ -32,7 +32,7 @@ def run_job(job: dict) -> None:
     cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
     t = cfg.training
     assert t.warmup_steps == 0 and t.min_lr == t.lr, "the worker trains at a constant learning rate"
-    dataset = check_data(cfg, corpus)
+    dataset, _ = check_data(cfg, corpus)
     sampler = DistributedBatchSampler(dataset.n_sequences, t.global_batch_size, rank, world, t.seed)
     if job.get("hf"):  # HF Transformers' LlamaForCausalLM of the same shape, as many DeepSpeed users train
         from transformers import LlamaConfig, LlamaForCausalLM
@@ -56,7 +56,8 @@ def run_job(job: dict) -> None:
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config)
 
     def step() -> float:
-        x, y = dataset.batch(sampler.next_batch())
+        batch = dataset.batch(sampler.next_batch())
+        x, y = batch.inputs, batch.targets
         logits = engine(x)
         logits = getattr(logits, "logits", logits)  # HF models return an output object
         loss = F.cross_entropy(logits.flatten(0, 1).float(), y.flatten())

@@ -10,7 +10,9 @@ from scaletrain.errors import UserError
 PUBLIC_KEYS = {
     "model": ["name", "dim", "n_layers", "n_heads", "n_kv_heads", "vocab_size", "ffn_dim", "max_seq_len",
               "tie_embeddings", "rope_theta", "norm_eps"],
-    "data": ["source", "format", "text_field", "tokenizer", "bpe_vocab_size", "seq_len", "cache_dir"],
+    "data": ["source", "format", "text_field", "tokenizer", "bpe_vocab_size", "seq_len", "cache_dir",
+             "num_workers", "cache_timeout", "packing", "batching", "max_tokens_per_batch", "group_size",
+             "val_source", "val_fraction"],
     "training": ["steps", "global_batch_size", "micro_batch_size", "lr", "warmup_steps", "min_lr",
                  "weight_decay", "beta1", "beta2", "grad_clip", "seed", "dtype", "activation_checkpointing",
                  "compile", "on_nonfinite", "max_bad_steps", "spike_zscore", "spike_window", "on_oom"],
@@ -22,6 +24,7 @@ PUBLIC_KEYS = {
               "supported_dtypes"],
     "logging": ["interval", "sample_tokens", "breakdown", "tensorboard", "wandb", "prometheus_port", "prometheus_host",
                 "alert_webhook"],
+    "eval": ["interval", "max_batches"],
 }
 
 

@@ -6,7 +6,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from scaletrain.config import DataConfig
-from scaletrain.data import (ByteTokenizer, DistributedBatchSampler, HFTokenizer, SequenceDataset,
+from scaletrain.data import (ByteTokenizer, DistributedBatchSampler, HFTokenizer, Rows,
                              prepare_corpus, read_documents, resolve_files, train_bpe)
 from scaletrain.data import cache as cache_module
 from scaletrain.errors import UserError
@@ -99,10 +99,10 @@ def test_token_cache_is_built_once_and_keyed_by_tokenizer(tmp_path, corpus_dir, 
 
 
 def test_dataset_windows_are_shifted_pairs():
-    ds = SequenceDataset(np.arange(101, dtype=np.uint16), seq_len=10)
+    ds = Rows(np.arange(101, dtype=np.uint16), np.array([0, 101]), np.arange(1), 10, "stream")
     assert ds.n_sequences == 10
-    inputs, targets = ds.batch([0, 9])
-    assert inputs.tolist()[1] == list(range(90, 100)) and targets.tolist()[1] == list(range(91, 101))
+    batch = ds.batch([0, 9])
+    assert batch.inputs.tolist()[1] == list(range(90, 100)) and batch.targets.tolist()[1] == list(range(91, 101))
 
 
 def test_sampler_is_deterministic_disjoint_and_even():
@@ -143,5 +143,5 @@ def test_sampler_restores_exactly_mid_epoch_and_across_dp_sizes():
 
 
 def test_sampler_needs_one_global_batch():
-    with pytest.raises(UserError, match="fewer than training.global_batch_size"):
+    with pytest.raises(UserError, match="fewer than one step needs"):
         DistributedBatchSampler(3, 4)

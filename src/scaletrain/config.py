@@ -72,12 +72,39 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     source: str = _f("stdlib", "a file, a directory, a glob, or 'stdlib' (this interpreter's standard-library .py files)")
-    format: str = _f("auto", "how to read the source files; auto = by extension", ("auto", "text", "jsonl", "parquet"))
-    text_field: str = _f("text", "JSONL key / Parquet column holding the text")
+    format: str = _f("auto", "how to read the source files; auto = by extension (.jsonl, .parquet, .arrow, else "
+                             "text); chat = JSONL lines with 'messages' rendered through the tokenizer's chat "
+                             "template, trained only on assistant turns",
+                     ("auto", "text", "jsonl", "parquet", "arrow", "chat"))
+    text_field: str = _f("text", "JSONL key / Parquet or Arrow column holding the text")
     tokenizer: str = _f("byte", "'byte', 'bpe' (trained on the corpus), or a tokenizer.json path")
     bpe_vocab_size: int = _f(4096, "vocabulary size when data.tokenizer = 'bpe'", minimum=258)
     seq_len: int = _f(256, "tokens per training sequence", minimum=1)
     cache_dir: str = _f("~/.cache/scaletrain", "where tokenized corpora and trained tokenizers are kept")
+    num_workers: int = _f(0, "tokenization processes when building the cache; 0 = one per CPU core (at most 8)",
+                          minimum=0)
+    cache_timeout: float = _f(3600.0, "seconds ranks wait for their node's rank 0 to build the token cache",
+                              minimum=1.0)
+    packing: str = _f("stream", "stream = the corpus as one token stream cut into seq_len windows; packed = "
+                                "whole documents packed into rows, attention masked per document, positions "
+                                "restarting; padded = one document per row, padded", ("stream", "packed", "padded"))
+    batching: str = _f("fixed", "fixed = micro_batch_size rows; length_grouped = rows of similar length batched "
+                                "together (shuffled across groups); token_budget = rows up to "
+                                "max_tokens_per_batch tokens per micro batch", ("fixed", "length_grouped",
+                                                                                "token_budget"))
+    max_tokens_per_batch: int = _f(0, "token_budget: tokens (rows x padded length) per micro batch at most",
+                                   minimum=0)
+    group_size: int = _f(50, "length_grouped / token_budget: global batches per length-sorted group", minimum=1)
+    val_source: str = _f("", "held-out corpus for the validation loss (read like data.source)")
+    val_fraction: float = _f(0.0, "fraction of documents held out for validation (chosen by training.seed)",
+                             minimum=0.0)
+
+
+@dataclass
+class EvalConfig:
+    interval: int = _f(0, "steps between validation losses (data.val_source or data.val_fraction); one is "
+                          "always taken at the end; 0 = only at the end", minimum=0)
+    max_batches: int = _f(0, "global batches per evaluation at most; 0 = the whole validation set", minimum=0)
 
 
 @dataclass
@@ -203,6 +230,7 @@ class Config:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
     debug: DebugConfig = field(default_factory=DebugConfig)
     logging: LoggingConfig = field(default_factory=LoggingConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     # [[alerts]] tables: name, expr, severity, ... (scaletrain.observe.alerts)
     alerts: list = field(default_factory=list)
 
@@ -451,6 +479,7 @@ def validate(cfg: Config) -> None:
     for key in ("beta1", "beta2"):
         if not getattr(t, key) < 1:
             raise UserError(f"training.{key} = {getattr(t, key)!r} must be < 1 (AdamW's moment decay; allowed: 0 <= beta < 1)")
+    _check_data(d, p)
     if t.min_lr > t.lr:
         raise UserError(f"training.min_lr = {t.min_lr} exceeds training.lr = {t.lr}")
     for fault in filter(None, cfg.debug.inject_fault.split(",")):
@@ -486,6 +515,19 @@ def validate(cfg: Config) -> None:
     parse_supported_dtypes(cfg.debug.supported_dtypes)
     if p.pp > 1:
         check_pipeline(cfg)
+
+
+def _check_data(d: "DataConfig", p: "ParallelConfig") -> None:
+    if d.batching == "token_budget" and d.max_tokens_per_batch == 0:
+        raise UserError("data.batching = token_budget needs data.max_tokens_per_batch (tokens per micro batch, "
+                        ">= data.seq_len to fit every row)")
+    if d.batching == "token_budget" and p.pp > 1:
+        raise UserError("data.batching = token_budget with parallel.pp > 1 is not supported (pipeline "
+                        "microbatches need a fixed row count); use fixed or length_grouped")
+    if d.val_fraction >= 1:
+        raise UserError(f"data.val_fraction = {d.val_fraction} must be < 1 (a fraction of the documents)")
+    if d.val_source and d.val_fraction:
+        raise UserError("data.val_source and data.val_fraction are both set; choose one validation split")
 
 
 def pipeline_virtual_stages(p: "ParallelConfig") -> int:

@@ -75,14 +75,13 @@ def _check_tensors(model: Llama, params: dict[str, torch.Tensor], source: Path) 
 
 def _train_state(cfg: Config, step: int, world_size: int, source: Path) -> dict:
     """Sampler position and LR schedule after ``step`` optimizer steps, as the trainer saves them."""
-    from scaletrain.data import DistributedBatchSampler, prepare_corpus
-    from scaletrain.train.checks import check_data
+    from scaletrain.train.checks import build_sampler, check_data, prepare_data
     from scaletrain.train.optim import build_scheduler
 
-    dataset = check_data(cfg, prepare_corpus(cfg.data, show_progress=False))
-    sampler = DistributedBatchSampler(dataset.n_sequences, cfg.training.global_batch_size, seed=cfg.training.seed)
+    rows, _ = check_data(cfg, *prepare_data(cfg, show_progress=False))
+    sampler = build_sampler(cfg, rows)
     for _ in range(step):
-        sampler.next_global_batch()
+        sampler.next_step()
     # The trainer's AdamW has two groups (decayed, not decayed); so does this stand-in.
     dummy = torch.optim.AdamW([{"params": [torch.zeros(1, requires_grad=True)]} for _ in range(2)],
                               lr=cfg.training.lr)

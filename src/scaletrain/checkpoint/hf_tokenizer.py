@@ -11,33 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+from scaletrain.data.chat import CHAT_TEMPLATE, render_chat, render_default_chat  # noqa: F401 (re-exported)
 from scaletrain.data.tokenizer import ByteTokenizer, HFTokenizer
 from scaletrain.errors import UserError
 
 BYTE_EOS = "<|endoftext|>"
-
-# Where a model has no chat template: each message as "<|role|>\ncontent\n",
-# then "<|assistant|>\n" to prompt the reply. The same template is written
-# (as Jinja) into every export, so `transformers serve` renders it alike.
-CHAT_TEMPLATE = ("{% for message in messages %}<|{{ message['role'] }}|>\n{{ message['content'] }}\n"
-                 "{% endfor %}{% if add_generation_prompt %}<|assistant|>\n{% endif %}")
-
-
-def render_default_chat(messages: list[dict]) -> str:
-    """``CHAT_TEMPLATE`` rendered (with add_generation_prompt) without Jinja."""
-    return "".join(f"<|{m['role']}|>\n{m['content']}\n" for m in messages) + "<|assistant|>\n"
-
-
-def render_chat(messages: list[dict], template: str | None) -> str:
-    if template is None or template == CHAT_TEMPLATE:
-        return render_default_chat(messages)
-    try:
-        from jinja2.sandbox import ImmutableSandboxedEnvironment
-    except ImportError:
-        raise UserError("this model's chat template needs jinja2 (pip install jinja2)") from None
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True)
-    return env.from_string(template).render(messages=messages, add_generation_prompt=True)
-
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map."""

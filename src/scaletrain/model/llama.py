@@ -43,10 +43,13 @@ def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Te
 
 
 def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """x: (B, T, heads, head_dim); cos/sin: (T, head_dim)."""
+    """x: (B, T, heads, head_dim); cos/sin: (T, head_dim), or (B, T, head_dim)
+    when every row has its own positions (packed documents)."""
     half = x.shape[-1] // 2
     rotated = torch.cat([-x[..., half:], x[..., :half]], dim=-1)
-    cos, sin = cos[None, :, None, :], sin[None, :, None, :]  # (1, T, 1, head_dim)
+    if cos.dim() == 2:
+        cos, sin = cos[None], sin[None]  # (1, T, head_dim)
+    cos, sin = cos[:, :, None, :], sin[:, :, None, :]  # (B or 1, T, 1, head_dim)
     return (x.float() * cos + rotated.float() * sin).type_as(x)
 
 
@@ -59,9 +62,11 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(cfg.dim, cfg.n_kv_heads * self.head_dim, bias=False)
         self.o_proj = nn.Linear(cfg.n_heads * self.head_dim, cfg.dim, bias=False)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        """cos/sin: (T, head_dim) or (B, T, head_dim); mask: None (causal) or
+        (B, 1, T, T) bool, True where a query may attend to a key."""
         B, T, _ = x.shape
-        cos, sin = cos[:T], sin[:T]  # (T, head_dim)
         # view(..., -1, head_dim) infers the head count, so a tensor-parallel
         # shard with fewer local heads needs no change here.
         q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
@@ -69,7 +74,10 @@ class Attention(nn.Module):
         v = self.v_proj(x).view(B, T, -1, self.head_dim)  # (B, T, n_kv_heads, head_dim)
         q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, heads, T, head_dim)
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        if mask is None:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, enable_gqa=True)
         out = out.transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
         return self.o_proj(out)
 
@@ -95,8 +103,10 @@ class Block(nn.Module):
         self.post_attention_layernorm = RMSNorm(cfg.dim, cfg.norm_eps)
         self.mlp = MLP(cfg)
 
-    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-        x = x + self.self_attn(self.input_layernorm(x), cos, sin)
+    def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
+                mask: torch.Tensor | None = None) -> torch.Tensor:
+        # mask travels as a keyword: tensor parallel's input plan covers the positional (x, cos, sin).
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask=mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
 
@@ -134,19 +144,42 @@ class Llama(nn.Module):
             gen = torch.Generator().manual_seed(seed * 1_000_003 + zlib.crc32(name.encode()))
             param.copy_(torch.empty(param.shape, dtype=torch.float32).normal_(0.0, std, generator=gen))
 
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+    def forward(self, tokens: torch.Tensor, positions: torch.Tensor | None = None,
+                doc_ids: torch.Tensor | None = None) -> torch.Tensor:
         """tokens: (B, T) int64 -> logits (B, T, vocab) (or hidden states on a
-        pipeline stage without a head)."""
+        pipeline stage without a head). Packed rows pass positions (B, T),
+        restarting at 0 for each document, and doc_ids (B, T): a token attends
+        only to earlier tokens of its own document (padding has its own id)."""
+        T = tokens.shape[1]
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens  # (B, T, dim)
+        if positions is None:
+            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, head_dim)
+        else:
+            cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim)
+        mask = None if doc_ids is None else document_mask(doc_ids)
         for layer in self.layers.values():
-            h = layer(h, self.rope_cos, self.rope_sin)
+            h = layer(h, cos, sin, mask=mask)
         h = self.norm(h) if self.norm is not None else h
         return self.lm_head(h) if self.lm_head is not None else h
 
 
-def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-    """Mean next-token loss in fp32. logits (B, T, V), targets (B, T)."""
-    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1))
+def document_mask(doc_ids: torch.Tensor) -> torch.Tensor:
+    """doc_ids (B, T) -> (B, 1, T, T) bool: causal and block-diagonal by document,
+    so packed documents never see each other (as if each ran alone)."""
+    T = doc_ids.shape[1]
+    same = doc_ids[:, :, None] == doc_ids[:, None, :]  # (B, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=doc_ids.device).tril()
+    return (same & causal)[:, None]
+
+
+IGNORE_INDEX = -100  # a target that carries no loss: padding, or a prompt turn of a chat
+
+
+def cross_entropy_loss(logits: torch.Tensor, targets: torch.Tensor, reduction: str = "mean") -> torch.Tensor:
+    """Next-token loss in fp32 (mean, or sum over the targets that count).
+    logits (B, T, V), targets (B, T)."""
+    return F.cross_entropy(logits.flatten(0, 1).float(), targets.flatten(0, 1), ignore_index=IGNORE_INDEX,
+                           reduction=reduction)
 
 
 @torch.no_grad()

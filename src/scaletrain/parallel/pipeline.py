@@ -91,16 +91,26 @@ class Pipeline:
     has_last: bool
     n_microbatches: int
 
-    def step(self, inputs: torch.Tensor, targets: torch.Tensor) -> list[torch.Tensor]:
-        """One pipeline pass (forward + backward) over ``n_microbatches``;
-        returns the per-microbatch losses on the rank holding the last stage
-        (their sum is this pass's share of the step's mean loss)."""
+    def step(self, batch) -> list[torch.Tensor]:
+        """One pipeline pass (forward + backward) over ``n_microbatches`` of a
+        data.rows.Batch; returns the per-microbatch losses on the rank holding
+        the last stage (their sum is this pass's share of the step's loss)."""
+        return self._run(self.schedule.step, batch)
+
+    def eval(self, batch) -> list[torch.Tensor]:
+        """The same pass, forward only (the validation loss)."""
+        return self._run(self.schedule.eval, batch)
+
+    def _run(self, run, batch) -> list[torch.Tensor]:
         losses: list[torch.Tensor] = []
-        kwargs = {"target": targets, "losses": losses} if self.has_last else {}
+        # Document positions and masks go to every stage as keyword arguments.
+        kwargs = batch.model_kwargs()
+        if self.has_last:
+            kwargs.update(target=batch.targets, losses=losses)
         if self.has_first:
-            self.schedule.step(inputs, **kwargs)
+            run(batch.inputs, **kwargs)
         else:
-            self.schedule.step(**kwargs)
+            run(**kwargs)
         return losses
 
 

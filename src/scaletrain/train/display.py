@@ -26,6 +26,7 @@ class ProgressDisplay:
         self.live = enabled and self.console.is_terminal
         self.line_every = max(1, line_every)
         self.progress = None
+        self.last_val = ""  # the latest validation loss stays on the line until the next one
         if self.live:
             self.progress = Progress(TextColumn("[bold]train"), BarColumn(), MofNCompleteColumn(),
                                      TextColumn("{task.fields[status]}"), TimeElapsedColumn(),
@@ -37,6 +38,9 @@ class ProgressDisplay:
         if not self.enabled:
             return
         status = f"loss {record['loss']:.4f}  {_si(record['tokens_per_s'])} tok/s  lr {record['lr']:.2e}"
+        if "val_loss" in record:
+            self.last_val = f"  val {record['val_loss']:.4f} (ppl {record['val_ppl']:.2f})"
+        status += self.last_val
         if self.live:
             self.progress.update(self.task, completed=step, status=status)
         elif step % self.line_every == 0 or step == self.total or step == 1:
@@ -61,6 +65,9 @@ def print_summary(summary: dict) -> None:
     table.add_row("steps", f"{summary['steps']} ({_si(summary['tokens'])} tokens)")
     table.add_row("loss", f"{summary['loss_first']:.4f} -> {summary['loss_last']:.4f} "
                           f"(first step -> mean of the last {summary['loss_last_window']})")
+    if "best_val_loss" in summary:
+        table.add_row("validation", f"loss {summary['val_loss']:.4f} at the end; best {summary['best_val_loss']:.4f} "
+                                    f"at step {summary['best_val_step']}")
     table.add_row("throughput", f"{_si(summary['tokens_per_s'])} tokens/s, "
                                 f"{_si(summary['flops_per_s_per_device'])}FLOP/s per device"
                                 + (f", MFU {summary['mfu']:.1%}" if summary.get("mfu") is not None else ""))

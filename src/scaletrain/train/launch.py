@@ -24,12 +24,11 @@ import torch.distributed as dist
 
 from scaletrain.checkpoint.paths import check_checkpoint_paths
 from scaletrain.config import Config, load_config
-from scaletrain.data import prepare_corpus
-from scaletrain.errors import UserError
+from scaletrain.errors import UserError, warn
 from scaletrain.observe.exporters import check_exporters
 from scaletrain.parallel.dims import ParallelDims, check_offload
 from scaletrain.parallel.runtime import init_runtime, run_local, shutdown, under_launcher
-from scaletrain.train.checks import check_data, grad_accum_steps, resolve_vocab
+from scaletrain.train.checks import check_data, data_report, grad_accum_steps, prepare_data, resolve_vocab
 from scaletrain.train.failures import failure_line, is_communication_error, log_traceback
 from scaletrain.train.preflight import check_memory
 from scaletrain.train.rundir import LOCKED_ENV, RunDirLock, check_run_dir, lock_run, run_locks
@@ -49,9 +48,11 @@ def prepare_run(cfg: Config, world_size: int, run_dir: Path | None,
     grad_accum_steps(cfg, dims)
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     check_offload(cfg, device_type)
-    corpus = prepare_corpus(cfg.data)
+    corpus, val_corpus = prepare_data(cfg)
     cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
-    check_data(cfg, corpus)
+    rows, _ = check_data(cfg, corpus, val_corpus)
+    if (message := data_report(rows)) is not None:
+        warn(message)
     check_exporters(dataclasses.asdict(cfg.logging))
     run_dir = run_dir or default_run_dir()
     check_run_dir(run_dir)

@@ -55,7 +55,8 @@ def summarize(trainer, records: list[dict], elapsed: float) -> dict:
     pays for warm-up: allocations, DDP buckets)."""
     cfg = trainer.cfg
     steady = records[1:] or records
-    tokens_per_s = trainer.tokens_per_step * len(steady) / sum(r["step_time_s"] for r in steady)
+    steady_tokens = records[-1]["tokens"] - (records[0]["tokens"] if len(records) > 1 else 0)
+    tokens_per_s = steady_tokens / sum(r["step_time_s"] for r in steady)
     window = min(10, len(records))
     flops_per_s_per_device = trainer.flops_per_token * tokens_per_s / trainer.runtime.world_size
     finite = [r["loss"] for r in records[-window:] if r["loss"] == r["loss"]]
@@ -68,7 +69,7 @@ def summarize(trainer, records: list[dict], elapsed: float) -> dict:
         "device": trainer.runtime.device.type,
         "grad_accum_steps": trainer.accum,
         "steps": trainer.step,
-        "tokens": trainer.step * trainer.tokens_per_step,
+        "tokens": trainer.sampler.tokens_seen,
         "loss_first": records[0]["loss"],
         "loss_last": sum(finite) / len(finite) if finite else float("nan"),
         "loss_last_window": window,
@@ -78,7 +79,16 @@ def summarize(trainer, records: list[dict], elapsed: float) -> dict:
         "mfu": flops_per_s_per_device / trainer.peak_flops if trainer.peak_flops else None,
         "mem_peak_bytes": max(r["mem_peak_bytes"] for r in records),
         "mem_peak_source": "cuda_allocator" if trainer.runtime.device.type == "cuda" else "process_rss",
+        **validation_summary(trainer.val_history),
     }
+
+
+def validation_summary(history: list[tuple[int, float]]) -> dict:
+    """The last and the best validation loss, with the step of the best."""
+    if not history:
+        return {}
+    best_step, best = min(history, key=lambda item: item[1])
+    return {"val_loss": history[-1][1], "best_val_loss": best, "best_val_step": best_step}
 
 
 def sample_text(trainer, state: dict[str, torch.Tensor], n_samples: int = 3, prompt_tokens: int = 24) -> list[str]:
@@ -95,8 +105,10 @@ def sample_text(trainer, state: dict[str, torch.Tensor], n_samples: int = 3, pro
     missing, unexpected = model.load_state_dict(state, strict=False)
     assert not unexpected and set(missing) <= {"lm_head.weight"}, (missing, unexpected)
     model.to(device).eval()
-    step = max(1, trainer.dataset.n_sequences // n_samples)
-    prompts = torch.stack([trainer.dataset.batch([i * step])[0][0, :prompt_tokens] for i in range(n_samples)])
+    step = max(1, trainer.rows.n_sequences // n_samples)
+    chosen = [i * step for i in range(n_samples)]
+    prompt_tokens = max(1, min(prompt_tokens, int(trainer.rows.lengths[chosen].min())))  # no padding in a prompt
+    prompts = trainer.rows.batch(chosen, pad_to=trainer.cfg.data.seq_len).inputs[:, :prompt_tokens]
     out = generate(model, prompts.to(device), n_new, seed=cfg.training.seed, max_seq_len=cfg.data.seq_len)
     return [trainer.corpus.tokenizer.decode(row.tolist()) for row in out.cpu()]
 

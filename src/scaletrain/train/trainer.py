@@ -10,6 +10,7 @@ optimizer step -> metrics.
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import sys
@@ -24,7 +25,7 @@ from torch.distributed.tensor.parallel import loss_parallel
 from scaletrain.checkpoint import CheckpointManager, find_resume_dir
 from scaletrain.checkpoint.interval import CheckpointSchedule
 from scaletrain.config import Config, pipeline_microbatches
-from scaletrain.data import DistributedBatchSampler, prepare_corpus
+from scaletrain.data import Batch, Rows
 from scaletrain.debug.faults import FaultInjector, InjectedError
 from scaletrain.debug.watchdog import Watchdog
 from scaletrain.model import Llama, cross_entropy_loss, train_flops_per_token
@@ -34,8 +35,9 @@ from scaletrain.observe.recorder import Recorder, build_recorder, truncate_recor
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
 from scaletrain.parallel.runtime import Runtime, bind_training_thread
 from scaletrain.train import report
-from scaletrain.train.checks import check_data, grad_accum_steps, resolve_vocab
+from scaletrain.train.checks import build_sampler, check_data, grad_accum_steps, prepare_data, resolve_vocab, wait_for_data
 from scaletrain.train.display import ProgressDisplay
+from scaletrain.train.evaluate import validation_loss
 from scaletrain.train.health import APPLY, StepGuard, act_on_verdict, apply_recoveries
 from scaletrain.train.measure import StepProbe
 from scaletrain.train.metrics import device_peak_flops, mem_peak_bytes, memory_limit_bytes
@@ -61,24 +63,30 @@ class Trainer:
 
         # One process per node tokenizes; the others wait and then open the cache.
         if runtime.local_rank == 0:
-            corpus = prepare_corpus(cfg.data, show_progress=show_progress and runtime.is_main)
-        runtime.barrier()
+            self.corpus, val_corpus = prepare_data(cfg, show_progress=show_progress and runtime.is_main)
+        wait_for_data(runtime, cfg.data.cache_timeout)
         if runtime.local_rank != 0:
-            corpus = prepare_corpus(cfg.data, show_progress=False)
-        self.corpus = corpus
-        self.cfg = cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
-        self.dataset = check_data(cfg, corpus)
+            self.corpus, val_corpus = prepare_data(cfg, show_progress=False)
+        self.cfg = cfg = resolve_vocab(cfg, self.corpus.tokenizer.vocab_size)
+        self.rows, self.val_rows = check_data(cfg, self.corpus, val_corpus)
         if runtime.is_main and not (run_dir / "config.toml").exists():  # started by an external torchrun
             (run_dir / "config.toml").write_text(cfg.to_toml())
-        self.sampler = DistributedBatchSampler(self.dataset.n_sequences, cfg.training.global_batch_size,
-                                               dp_rank, self.dims.dp_size, cfg.training.seed)
+        self.dp_rank = dp_rank
+        self.sampler = build_sampler(cfg, self.rows, dp_rank, self.dims.dp_size)
+        # Documents (or chat masks) make token counts vary: the loss is then a
+        # sum over tokens divided by the global batch's count (set each step),
+        # times dp_size because data parallelism averages gradients.
+        self.token_normalized = (cfg.data.packing != "stream" or cfg.data.batching != "fixed"
+                                 or self.corpus.has_loss_mask)
+        self.loss_divisor: float | None = None
+        self.val_history: list[tuple[int, float]] = []  # (step, val_loss)
 
         # Every rank initializes the whole model from the seed (so every layout
         # starts from the same weights), then keeps its stages and shards.
         model = Llama(cfg.model)
         model.init_weights(cfg.training.seed)
         model.to(runtime.device)
-        self.model: ParallelModel = parallelize(model, self.dims, self.mesh, cfg, runtime.device, self._loss_fn)
+        self.model: ParallelModel = parallelize(model, self.dims, self.mesh, cfg, runtime.device, self.loss_fn)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg.training)
         self.autocast_dtype = AUTOCAST_DTYPES.get(cfg.training.dtype)
@@ -110,7 +118,6 @@ class Trainer:
         self.watchdog: Watchdog | None = None
         if runtime.distributed and cfg.debug.hang_timeout > 0:
             self.watchdog = Watchdog(runtime.rank, runtime.world_size, run_dir, cfg.debug.hang_timeout).start()
-        self.tokens_per_step = cfg.training.global_batch_size * cfg.data.seq_len
         self.flops_per_token = train_flops_per_token(cfg.model, cfg.data.seq_len)
         self.peak_flops = device_peak_flops(runtime.device, cfg.training.dtype)
         self.mem_limit_bytes = memory_limit_bytes(runtime.device)
@@ -138,17 +145,31 @@ class Trainer:
             self.checkpoints.load_weights(Path(self.cfg.checkpoint.init_from).expanduser())
         return None
 
-    def _loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        """Mean loss of one micro-step (or pipeline microbatch), pre-divided by
-        how many of them make up the step, so gradients simply add up."""
+    def loss_fn(self, logits: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
+        """Loss of one micro-step (or pipeline microbatch), pre-scaled so that
+        the gradients of a step simply add up: the sum over its tokens divided
+        by ``loss_divisor`` (token-normalized data, and evaluation), else the
+        mean divided by how many micro-steps make up the step."""
+        if self.loss_divisor is not None:
+            return cross_entropy_loss(logits, targets, reduction="sum") / self.loss_divisor
         return cross_entropy_loss(logits, targets) / (self.accum * self.pp_microbatches)
 
-    def _loss_context(self):
+    def make_batch(self, rows: Rows, indices) -> Batch:
+        """Rows -> a batch on this rank's device; a pipeline needs the full
+        seq_len every time (its stages fix their shapes on the first step)."""
+        return rows.batch(indices, *self._padding()).to(self.runtime.device)
+
+    def _padding(self) -> tuple[int | None, int]:
+        """(fixed width or None, multiple the width is rounded up to)."""
+        pad_to = self.cfg.data.seq_len if self.dims.pp > 1 else None
+        return pad_to, math.lcm(8, self.dims.tp) if self.cfg.parallel.sequence_parallel else 8
+
+    def loss_context(self):
         """Vocab-sharded logits (tensor parallel) need the parallel loss, in
         forward and in backward."""
         return loss_parallel() if self.dims.tp > 1 else contextlib.nullcontext()
 
-    def _autocast(self):
+    def autocast(self):
         if self.autocast_dtype is None:
             return contextlib.nullcontext()
         return torch.autocast(self.runtime.device.type, dtype=self.autocast_dtype)
@@ -163,28 +184,29 @@ class Trainer:
         t = self.cfg.training
         device = self.runtime.device
         with self.timer.phase("data_s"):
-            indices = self.sampler.next_batch()
+            step = self.sampler.next_step()
+            if self.token_normalized:
+                self.loss_divisor = max(1, self.rows.target_count(step.rows)) / self.dims.dp_size
+        step_tokens = int(self.rows.lengths[step.rows].sum())
         loss_sum = torch.zeros((), device=device)
         self._phase("forward_backward")
         first_forward_s = 0.0
-        for micro in range(self.accum):
+        for micro, rows in enumerate(step.micro):
             with self.timer.phase("data_s"):
-                batch = indices[micro * t.micro_batch_size:(micro + 1) * t.micro_batch_size]
-                inputs, targets = self.dataset.batch(batch)
-                inputs, targets = inputs.to(device, non_blocking=True), targets.to(device, non_blocking=True)
-            with self._loss_context(), self._autocast():
+                batch = self.make_batch(self.rows, rows)
+            with self.loss_context(), self.autocast():
                 if self.model.pipeline is not None:
                     # The schedule interleaves forward and backward: its time counts as forward.
                     with self.timer.phase("forward_s"):
-                        losses = self.model.pipeline.step(inputs, targets)
+                        losses = self.model.pipeline.step(batch)
                     if losses:  # the rank holding the last stage
                         loss_sum += _local(torch.stack([_local(l.detach()) for l in losses]).sum())
                     continue
                 # Gradients are reduced once, on the last micro-step.
                 with self.model.gradient_sync(micro == self.accum - 1):
                     with self.timer.phase("forward_s"):
-                        self.faults.oom(self.step + 1, t.micro_batch_size)
-                        loss = self._loss_fn(self.model(inputs), targets)
+                        self.faults.oom(self.step + 1, len(rows))
+                        loss = self.loss_fn(self.model(batch.inputs, **batch.model_kwargs()), batch.targets)
                         if self.faults.nan_loss(self.step + 1):
                             loss = loss * float("nan")
                     if micro == 0:
@@ -214,19 +236,23 @@ class Trainer:
         step_time = time.perf_counter() - start
         self.step += 1
         self.interval_steps.append({**self.timer.finish(step_time), "first_forward_s": first_forward_s})
-        flops_per_s = self.flops_per_token * self.tokens_per_step / step_time
+        flops_per_s = self.flops_per_token * step_tokens / step_time
         record = {
             "step": self.step,
             "loss": loss_value,
             "lr": lr,
             "grad_norm": grad_norm,
-            "tokens": self.step * self.tokens_per_step,
-            "tokens_per_s": self.tokens_per_step / step_time,
+            "tokens": self.sampler.tokens_seen,
+            "tokens_per_s": step_tokens / step_time,
             "step_time_s": step_time,
             "mem_peak_bytes": mem_peak_bytes(device),
             "flops_per_s_per_device": flops_per_s / self.runtime.world_size,
             "mfu": flops_per_s / self.runtime.world_size / self.peak_flops if self.peak_flops else None,
         }
+        if self.cfg.data.packing != "stream":  # the share of computed positions that were padding
+            pad_to, multiple = self._padding()
+            computed = sum(len(m) * self.rows.width(m, pad_to, multiple) for m in step.all_micro)
+            record["pad_fraction"] = 1 - step_tokens / computed
         record.update(self.model.comm_metrics())  # bytes of the gradient collectives (DDP comm hooks)
         if self.action != APPLY:
             record.update(skipped=True, skip_reason=why)
@@ -291,7 +317,8 @@ class Trainer:
                 if act_on_verdict(self, record, recorder):  # rolled back: the step is undone
                     records[:] = [r for r in records if r["step"] <= self.step]
                     continue
-                if self.step % cfg.logging.interval == 0 or self.step == cfg.training.steps:
+                evaluated = self._maybe_evaluate(record)
+                if evaluated or self.step % cfg.logging.interval == 0 or self.step == cfg.training.steps:
                     self._phase("logging", self.step)
                     self._log(record, recorder)
                 display.update(self.step, record)
@@ -310,6 +337,16 @@ class Trainer:
             display.close()
             recorder.close()
         return self._finish(records, time.perf_counter() - start)
+
+    def _maybe_evaluate(self, record: dict) -> bool:
+        """The validation loss every eval.interval steps and at the last step."""
+        e, last = self.cfg.eval, self.step == self.cfg.training.steps or self.step == self.cfg.debug.stop_at_step
+        if self.val_rows is None or not (last or (e.interval and self.step % e.interval == 0)):
+            return False
+        self._phase("evaluate", self.step)
+        record.update(validation_loss(self))
+        self.val_history.append((self.step, record["val_loss"]))
+        return True
 
     def _run_step(self) -> dict | None:
         """One step, profiled on debug.measure_step; None for a step that an
