@@ -47,12 +47,15 @@ def _cases_file(workdir: Path, config: Path, cases: dict[str, list[str]]) -> Pat
 
 
 def test_layouts_and_compression_across_two_nodes(cluster, tmp_path, debug_config):
-    """2 nodes x 2 ranks: DDP, HSDP (sharded in a node, replicated across) and
-    the hierarchical all-reduce match one process; each gradient compression
+    """2 nodes x 2 ranks: DDP, HSDP (sharded in a node, replicated across),
+    the hierarchical all-reduce and a run whose ranks negotiated bf16 down to
+    fp32 match one process; each gradient compression
     converges within its CONVERGENCE_MARGIN of uncompressed training and logs its ratio."""
     cases = {"ddp": PARITY, "hsdp": PARITY + ["parallel.zero_stage=3", "parallel.dp_replicate=2",
                                              "parallel.dp_shard=2"],
-             "hierarchical": PARITY + ["parallel.dp_allreduce=hierarchical"], "none": CONVERGE}
+             "hierarchical": PARITY + ["parallel.dp_allreduce=hierarchical"], "none": CONVERGE,
+             # bf16 asked for, rank 2's device claims fp32 only: all train in fp32
+             "negotiated": PARITY + ["training.dtype=bf16", "debug.supported_dtypes=2:fp32"]}
     cases.update({c: CONVERGE + [f"parallel.grad_compression={c}"] for c in CONVERGENCE_MARGIN})
     spec = _cases_file(tmp_path / "cases", debug_config, cases)
     port = cluster.free_port()
@@ -62,10 +65,13 @@ def test_layouts_and_compression_across_two_nodes(cluster, tmp_path, debug_confi
     assert [a.returncode for a in agents] == [0, 0], tail(outputs)
     runs = {name: read_run(tmp_path / "cases" / name) for name in cases}
     single = train_run(tmp_path / "single", debug_config, PARITY)
-    for name in ("ddp", "hsdp", "hierarchical"):
+    for name in ("ddp", "hsdp", "hierarchical", "negotiated"):
         assert runs[name].summary["world_size"] == 4
         assert_parity(single, runs[name])
     assert runs["hsdp"].summary["layout"]["dp_shard"] == 2
+    events = [json.loads(line) for line in (tmp_path / "cases" / "negotiated" / "events.jsonl").read_text().splitlines()]
+    assert [(e["kind"], e["requested"], e["chosen"]) for e in events] == [("precision", "bf16", "fp32")]
+    assert "rank(s) [2] lack bf16" in events[0]["detail"]
     # Only the 1/2 shard of every bucket crosses nodes.
     grad = runs["hierarchical"].metrics[-1]
     assert 0 < grad["inter_node_bytes"] < grad["grad_comm_bytes"] / 2
