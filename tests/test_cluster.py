@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from cluster import agent_workers, finish, make_cluster, tail
+from cluster import finish, make_cluster, tail
 from harness import REPO, assert_parity, read_run, train_run
 
 pytestmark = pytest.mark.timeout(420)
