@@ -27,6 +27,11 @@ CASES = {
         "uneven_pp": UNEVEN + ["parallel.pp=2"],
         "uneven_tp_vocab": UNEVEN + ["parallel.tp=2", "parallel.sequence_parallel=true"],
         "zero3_bf16": BASE + ["parallel.zero_stage=3", "training.dtype=bf16"],
+        # Reduce-scatter every micro-step instead of holding the unsharded gradient (2 micro-steps here).
+        "zero2_fsdp_accumulate_sharded": BASE + ["parallel.zero_stage=2", "parallel.fsdp_accumulate=sharded"],
+        "zero3_fsdp_accumulate_sharded": BASE + ["parallel.zero_stage=3", "parallel.fsdp_accumulate=sharded"],
+        # Speed-aware stages: rank 1 three times as fast takes 3 of the 4 layers.
+        "pp_rank_speeds": BASE + ["parallel.pp=2", "parallel.pp_rank_speeds=1,3"],
     },
     3: {
         "uneven_zero3": UNEVEN + ["parallel.zero_stage=3"],

@@ -14,7 +14,8 @@ from harness import run_cli
 from scaletrain.config import MODEL_PRESETS, ModelConfig
 from scaletrain.model import param_count
 from scaletrain.planner import formulas
-from scaletrain.planner.estimate import Coord, Layout, Workload, memory_of_rank, model_state_bytes
+from scaletrain.planner.layout import Coord, Layout, Workload
+from scaletrain.planner.memory import memory_of_rank, model_state_bytes
 from scaletrain.planner.hardware import load_catalog, parse_cluster
 from scaletrain.planner.verify import LAYOUTS, compare, run_case
 
@@ -148,7 +149,8 @@ def test_memory_model_monotone():
 def test_calibration_arithmetic():
     """What --calibrate derives from its measurements, and how the estimate uses it."""
     from scaletrain.planner import calibrate
-    from scaletrain.planner.estimate import Collective, _measured_collective_time, estimate
+    from scaletrain.planner.communication import Collective, _measured_collective_time
+    from scaletrain.planner.estimate import estimate
     from scaletrain.planner.hardware import Cluster
 
     assert calibrate.monotone([[4, 3.0], [8, 1.0], [16, 2.0], [32, 5.0]]) == [[4, 1.0], [8, 1.0], [16, 2.0],
@@ -225,7 +227,7 @@ def test_printed_train_commands_are_accepted_by_the_trainer(model, gpus, gpu, pe
     pipeline rules, offload on CUDA)."""
     from scaletrain.config import load_config
     from scaletrain.parallel.dims import ParallelDims, check_offload
-    from scaletrain.planner.estimate import Workload
+    from scaletrain.planner.layout import Workload
     from scaletrain.planner.hardware import load_catalog, parse_cluster
     from scaletrain.planner.search import resolve_model, search, train_overrides
     from scaletrain.train.checks import grad_accum_steps

@@ -166,6 +166,12 @@ class ParallelConfig:
     grad_compression: str = _f("none", "compress DDP's gradients: none, bf16, powersgd:RANK (PowerSGD with "
                                        "rank-RANK factors) or topk:FRACTION (the largest entries; both with error "
                                        "feedback); plain DDP only")
+    fsdp_accumulate: str = _f("unsharded", "FSDP under gradient accumulation: 'unsharded' reduce-scatters once per "
+                                           "step (every rank holds the full fp32 gradient between micro-steps); "
+                                           "'sharded' reduce-scatters every micro-step (1/dp_shard of the "
+                                           "gradient memory, accumulation x the traffic)", ("unsharded", "sharded"))
+    pp_rank_speeds: str = _f("", "relative speed of each pipeline rank, comma-separated (e.g. '1,1,2,2' for "
+                                 "pp = 4): layers are split so stage times balance; empty = equal speeds")
 
 
 @dataclass
@@ -515,6 +521,13 @@ def validate(cfg: Config) -> None:
     parse_supported_dtypes(cfg.debug.supported_dtypes)
     if p.pp > 1:
         check_pipeline(cfg)
+    if p.pp_rank_speeds.strip():
+        from scaletrain.parallel.rules import parse_rank_speeds  # torch-free
+
+        try:
+            parse_rank_speeds(p.pp_rank_speeds, p.pp)
+        except ValueError as exc:
+            raise UserError(f"parallel.pp_rank_speeds = {exc}") from None
 
 
 def _check_data(d: "DataConfig", p: "ParallelConfig") -> None:

@@ -24,7 +24,9 @@ from scaletrain.config import Config, pipeline_microbatches, pipeline_virtual_st
 from scaletrain.parallel.activation_checkpoint import apply_activation_checkpointing
 from scaletrain.parallel.data_parallel import apply_ddp, apply_fsdp, build_zero1_optimizer
 from scaletrain.parallel.dims import ParallelDims
-from scaletrain.parallel.pipeline import Pipeline, build_pipeline, local_stage_ids, split_stage, stage_layer_ranges
+from scaletrain.parallel.pipeline import Pipeline, build_pipeline, split_stage
+from scaletrain.parallel.rules import (data_parallel_engine, local_stage_ids, parse_rank_speeds,
+                                      reduce_every_micro_step, stage_layer_ranges, stage_speeds)
 from scaletrain.parallel.tensor_parallel import apply_tensor_parallel
 
 # Name components that wrappers add to parameter names (DDP, checkpoint_wrapper, torch.compile).
@@ -44,6 +46,7 @@ class ParallelModel:
     pipeline: Pipeline | None
     dims: ParallelDims
     mesh: object
+    reduce_every_micro_step: bool = False  # parallel.fsdp_accumulate = sharded (rules.reduce_every_micro_step)
 
     def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
         assert self.pipeline is None, "a pipelined model runs through its schedule"
@@ -53,12 +56,15 @@ class ParallelModel:
         return chain.from_iterable(part.parameters() for part in self.parts)
 
     def gradient_sync(self, enabled: bool):
-        """Skip the gradient reduction on accumulation micro-steps but the last."""
+        """Skip the gradient reduction on accumulation micro-steps but the
+        last, unless FSDP reduce-scatters every micro-step (fsdp_accumulate =
+        sharded). Under a pipeline the schedule reduces at the end of every
+        pass itself (PipelineStage.perform_reduce_grad)."""
         part = self.parts[0]
         if isinstance(part, DistributedDataParallel) and not enabled:
             return part.no_sync()
         if isinstance(part, FSDPModule):
-            part.set_requires_gradient_sync(enabled)
+            part.set_requires_gradient_sync(enabled or self.reduce_every_micro_step)
         return contextlib.nullcontext()
 
     def comm_metrics(self) -> dict:
@@ -96,16 +102,19 @@ def parallelize(model: nn.Module, dims: ParallelDims, mesh, cfg: Config, device:
     stage_ids: list[int] = [0]
     parts = [model]
     if dims.pp > 1:
-        n_stages = dims.pp * pipeline_virtual_stages(p)
-        ranges = stage_layer_ranges(cfg.model, n_stages)
-        stage_ids = local_stage_ids(mesh["pp"].get_local_rank(), dims.pp, pipeline_virtual_stages(p), p.pp_schedule)
-        parts = [split_stage(model, ranges[i], i == 0, i == n_stages - 1) for i in stage_ids]
+        virtual = pipeline_virtual_stages(p)
+        n_stages = dims.pp * virtual
+        speeds = stage_speeds(parse_rank_speeds(p.pp_rank_speeds, dims.pp), dims.pp, virtual, p.pp_schedule)
+        ranges = stage_layer_ranges(cfg.model, n_stages, speeds)
+        stage_ids = local_stage_ids(mesh["pp"].get_local_rank(), dims.pp, virtual, p.pp_schedule)
+        parts = [split_stage(model, i, ranges[i], n_stages) for i in stage_ids]
     parts = [_parallelize_part(part, dims, mesh, cfg, device) for part in parts]
     pipeline = None
     if dims.pp > 1:
         pipeline = build_pipeline(parts, stage_ids, n_stages, p.pp_schedule, pipeline_microbatches(cfg),
                                   loss_fn, mesh["pp"].get_group(), device)
-    return ParallelModel(parts, pipeline, dims, mesh)
+    engine = data_parallel_engine(dims.dp_replicate, dims.dp_shard, p.zero_stage, dims.tp, dims.pp)
+    return ParallelModel(parts, pipeline, dims, mesh, reduce_every_micro_step(engine, p.fsdp_accumulate))
 
 
 def _parallelize_part(part: nn.Module, dims: ParallelDims, mesh, cfg: Config, device: torch.device) -> nn.Module:
@@ -115,16 +124,13 @@ def _parallelize_part(part: nn.Module, dims: ParallelDims, mesh, cfg: Config, de
     if cfg.training.compile:
         for key, block in list(part.layers.items()):
             part.layers[key] = torch.compile(block)
-    if dims.dp_size == 1:
+    engine = data_parallel_engine(dims.dp_replicate, dims.dp_shard, cfg.parallel.zero_stage, dims.tp, dims.pp)
+    if engine == "none":
         return part
-    stage, plain = cfg.parallel.zero_stage, dims.tp == 1 and dims.pp == 1
-    if stage == 0 and plain:
+    if engine == "ddp":
         return apply_ddp(part, mesh["dp_replicate"], cfg, device)
-    if stage == 1:
+    if engine == "zero1":
         return apply_ddp(part, mesh["dp_shard"], cfg, device)
-    # Stage 0 with TP or PP: FSDP2 over (dp_replicate, dp_shard = 1) is pure
-    # replication (all-reduce) that, unlike DDP, takes TP's DTensor parameters
-    # and the pipeline's several backward passes per step.
     dp_mesh = mesh["dp_replicate", "dp_shard"] if dims.dp_replicate > 1 else mesh["dp_shard"]
     return apply_fsdp(part, dp_mesh, cfg, device)
 

@@ -28,8 +28,9 @@ from torch.nn.parallel import DistributedDataParallel
 from scaletrain.config import Config
 from scaletrain.parallel.comm_hooks import register_comm_hook
 from scaletrain.parallel.dims import check_offload
+from scaletrain.parallel.rules import FSDP_PARAM_DTYPE, fsdp_reshard_after_forward, fsdp_unit_per_block
 
-PARAM_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, "fp32": None}
+_TORCH_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16, None: None}
 
 
 def apply_ddp(model: nn.Module, dp_mesh, cfg: Config, device: torch.device) -> nn.Module:
@@ -61,17 +62,13 @@ def apply_fsdp(model: nn.Module, dp_mesh, cfg: Config, device: torch.device) -> 
     backward; gradients are reduced in fp32 and the sharded master weights
     and optimizer states stay fp32."""
     p = cfg.parallel
-    mp = MixedPrecisionPolicy(param_dtype=PARAM_DTYPES[cfg.training.dtype], reduce_dtype=torch.float32)
+    mp = MixedPrecisionPolicy(param_dtype=_TORCH_DTYPES[FSDP_PARAM_DTYPE[cfg.training.dtype]],
+                              reduce_dtype=torch.float32)
     check_offload(cfg, device.type)
     offload = CPUOffloadPolicy() if p.cpu_offload else OffloadPolicy()
-    reshard = p.zero_stage == 3
-    # Stage 2 keeps parameters whole from forward to backward anyway, so on
-    # CPU (gloo: no compute/communication overlap to win, latency per
-    # collective to lose) the whole model is one unit: one all-gather and one
-    # reduce-scatter per step. On CUDA, and always for stage 3, each block is
-    # its own unit so communication overlaps compute and stage 3 holds one
-    # block's full parameters at a time.
-    blocks = list(model.layers.values()) if reshard or device.type == "cuda" else []
+    reshard = fsdp_reshard_after_forward(p.zero_stage)
+    # Units per block or one for the whole part: rules.fsdp_unit_per_block says why.
+    blocks = list(model.layers.values()) if fsdp_unit_per_block(p.zero_stage, device.type) else []
     for block in blocks:
         fully_shard(block, mesh=dp_mesh, reshard_after_forward=reshard, mp_policy=mp, offload_policy=offload)
     # The root's parameters are used last in forward, first in backward:

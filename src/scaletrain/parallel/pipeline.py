@@ -1,8 +1,10 @@
 """Pipeline parallelism with ``torch.distributed.pipelining``.
 
 The model is cut into ``pp x virtual_stages`` stages of contiguous layers,
-balanced by cost (each block costs its parameter count; the embedding is
-charged to the first stage and the final norm + head to the last). A stage is
+balanced by time (rules.stage_layer_ranges: each block costs its parameter
+count, the embedding is charged to the first stage and the final norm + head
+to the last, each stage's cost divided by its rank's speed when
+``parallel.pp_rank_speeds`` gives them). A stage is
 the same Llama module with the other layers removed and, away from the ends,
 no embedding or head, so parameter names stay those of the whole model.
 
@@ -24,7 +26,7 @@ from torch.distributed.pipelining import PipelineStage
 from torch.distributed.pipelining.schedules import (Schedule1F1B, ScheduleGPipe, ScheduleInterleaved1F1B,
                                                     ScheduleInterleavedZeroBubble, ScheduleZBVZeroBubble)
 
-from scaletrain.config import ModelConfig
+from scaletrain.parallel.rules import stage_owns
 
 SCHEDULES = {
     "gpipe": ScheduleGPipe,
@@ -35,50 +37,16 @@ SCHEDULES = {
 }
 
 
-def stage_layer_ranges(cfg: ModelConfig, n_stages: int) -> list[range]:
-    """Contiguous layer ranges, one per stage, minimizing the most expensive
-    stage (dynamic programming over cut points); every stage gets >= 1 layer."""
-    head_dim = cfg.dim // cfg.n_heads
-    block = cfg.dim * head_dim * (2 * cfg.n_heads + 2 * cfg.n_kv_heads) + 3 * cfg.dim * cfg.ffn_dim
-    embed, head = cfg.vocab_size * cfg.dim, cfg.vocab_size * cfg.dim
-    L = cfg.n_layers
-
-    def cost(stage: int, first: int, end: int) -> int:
-        return (end - first) * block + (embed if stage == 0 else 0) + (head if stage == n_stages - 1 else 0)
-
-    # best[s][i]: minimal max-cost of placing layers [0, i) on stages [0, s).
-    inf = float("inf")
-    best = [[inf] * (L + 1) for _ in range(n_stages + 1)]
-    cut = [[0] * (L + 1) for _ in range(n_stages + 1)]
-    best[0][0] = 0
-    for s in range(1, n_stages + 1):
-        for i in range(s, L - (n_stages - s) + 1):
-            for j in range(s - 1, i):
-                candidate = max(best[s - 1][j], cost(s - 1, j, i))
-                if candidate < best[s][i]:
-                    best[s][i], cut[s][i] = candidate, j
-    ranges, end = [], L
-    for s in range(n_stages, 0, -1):
-        ranges.append(range(cut[s][end], end))
-        end = cut[s][end]
-    return ranges[::-1]
-
-
-def local_stage_ids(pp_rank: int, pp: int, virtual: int, schedule: str) -> list[int]:
-    if schedule == "zbv":
-        return [pp_rank, 2 * pp - 1 - pp_rank]
-    return [pp_rank + k * pp for k in range(virtual)]
-
-
-def split_stage(model: nn.Module, layers: range, first: bool, last: bool) -> nn.Module:
-    """A copy of ``model`` holding only ``layers`` (and the ends it owns)."""
+def split_stage(model: nn.Module, stage_id: int, layers: range, n_stages: int) -> nn.Module:
+    """A copy of ``model`` holding what stage ``stage_id`` owns
+    (rules.stage_owns, the rule the planner counts with)."""
     stage = copy.deepcopy(model)
     for key in list(stage.layers.keys()):
-        if int(key) not in layers:
+        if not stage_owns(f"layers.{key}.", stage_id, layers, n_stages):
             del stage.layers[key]
-    if not first:
+    if not stage_owns("embed_tokens.weight", stage_id, layers, n_stages):
         stage.embed_tokens = None
-    if not last:
+    if not stage_owns("lm_head.weight", stage_id, layers, n_stages):
         stage.norm, stage.lm_head = None, None
     return stage
 

@@ -19,16 +19,21 @@ from torch.distributed.tensor import Replicate, Shard
 from torch.distributed.tensor.parallel import (ColwiseParallel, PrepareModuleInput, RowwiseParallel,
                                                SequenceParallel, parallelize_module)
 
+from scaletrain.parallel.rules import TP_BLOCK_PLAN, TP_TOP_PLAN
+
+_STYLES = {"colwise": ColwiseParallel, "rowwise": RowwiseParallel}
+
 
 def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) -> None:
     residual = Shard(1) if sequence_parallel else Replicate()
-    top: dict = {}
-    if model.embed_tokens is not None:
-        top["embed_tokens"] = RowwiseParallel(input_layouts=Replicate(), output_layouts=residual)
+    # The styles come from rules.TP_*_PLAN (what the planner counts); the
+    # layouts around them here: the head's logits stay vocab-sharded for loss_parallel.
+    layouts = {"embed_tokens": {"input_layouts": Replicate(), "output_layouts": residual},
+               "lm_head": {"input_layouts": residual, "output_layouts": Shard(-1), "use_local_output": False}}
+    top = {name: _STYLES[style](**layouts[name]) for name, style in TP_TOP_PLAN.items()
+           if getattr(model, name) is not None}
     if model.norm is not None and sequence_parallel:
         top["norm"] = SequenceParallel()
-    if model.lm_head is not None:
-        top["lm_head"] = ColwiseParallel(input_layouts=residual, output_layouts=Shard(-1), use_local_output=False)
     parallelize_module(model, tp_mesh, top)
 
     for block in model.layers.values():
@@ -36,14 +41,10 @@ def apply_tensor_parallel(model: nn.Module, tp_mesh, sequence_parallel: bool) ->
             # (x, rope_cos, rope_sin): only x is distributed.
             "self_attn": PrepareModuleInput(input_layouts=(residual, None, None),
                                             desired_input_layouts=(Replicate(), None, None)),
-            "self_attn.q_proj": ColwiseParallel(),
-            "self_attn.k_proj": ColwiseParallel(),
-            "self_attn.v_proj": ColwiseParallel(),
-            "self_attn.o_proj": RowwiseParallel(output_layouts=residual),
             "mlp": PrepareModuleInput(input_layouts=(residual,), desired_input_layouts=(Replicate(),)),
-            "mlp.gate_proj": ColwiseParallel(),
-            "mlp.up_proj": ColwiseParallel(),
-            "mlp.down_proj": RowwiseParallel(output_layouts=residual),
+            # Row-wise layers end a sub-layer: their output returns to the residual layout.
+            **{name: ColwiseParallel() if style == "colwise" else RowwiseParallel(output_layouts=residual)
+               for name, style in TP_BLOCK_PLAN.items()},
         }
         if sequence_parallel:
             plan["input_layernorm"] = SequenceParallel()

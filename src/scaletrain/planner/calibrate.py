@@ -247,7 +247,9 @@ def dispatch_curves(device: Device, times: dict[str, float], tp: int) -> dict[st
     elementwise traffic and the TP collectives at this device's calibrated
     rates), split per block pass (3-layer minus 1-layer model, halved) and per
     model pass (the rest), at the two sizes: the device's dispatch curves."""
-    from scaletrain.planner.estimate import Coord, Layout, Workload, collectives, compute_parts, collective_time
+    from scaletrain.planner.communication import collective_time, collectives
+    from scaletrain.planner.layout import Coord, Layout, Workload
+    from scaletrain.planner.steptime import compute_parts
     from scaletrain.planner.hardware import Cluster
 
     cluster = Cluster(((device, tp),), gpus_per_node=tp)
@@ -260,7 +262,7 @@ def dispatch_curves(device: Device, times: dict[str, float], tp: int) -> dict[st
             parts = compute_parts(w, layout, device)
             comm = sum(collective_time(c, cluster, layout)[0] for c in collectives(w, layout, Coord())
                        if c.group == "tp" and c.bytes > 4)  # not the grad norm's scalar: no clipping here
-            residual.append(times[f"{kind} {i}"] - parts["matmul"] - parts["elementwise"] - comm)
+            residual.append(times[f"{kind} {i}"] - parts["gemm"] - parts["attention"] - parts["elementwise"] - comm)
         points = []
         for one, three in ((0, 1), (2, 3)):
             shape, batch, seq, _ = TP_MODELS[one]
@@ -274,10 +276,11 @@ def elementwise_rate(rest_s: float) -> float:
     """Bytes/s at which the block moved its saved activations (3 passes, as
     the estimate counts them) in the time its matmuls and attention do not
     take (``block_rest_time``)."""
-    from scaletrain.planner.estimate import Layout, saved_per_token
+    from scaletrain.planner.layout import Layout
+    from scaletrain.planner.memory import saved_bytes_per_token
 
     cfg = _model_config(BLOCK_SHAPE, 1)
-    return 3 * sum(saved_per_token(cfg, Layout()).values()) * 4 * BLOCK_BATCH * BLOCK_SEQ / rest_s
+    return 3 * sum(saved_bytes_per_token(cfg, Layout(), "fp32").values()) * BLOCK_BATCH * BLOCK_SEQ / rest_s
 
 
 CURVE_OPS = ("all_reduce", "all_gather", "reduce_scatter", "broadcast")

@@ -10,7 +10,9 @@ from rich.console import Console
 from rich.table import Table
 
 from scaletrain.errors import UserError
-from scaletrain.planner.estimate import DTYPE_BYTES, Estimate, Workload
+from scaletrain.parallel.rules import DTYPE_BYTES
+from scaletrain.planner.estimate import Estimate
+from scaletrain.planner.layout import Workload
 from scaletrain.planner.hardware import GIB, find_device, load_catalog, parse_cluster
 from scaletrain.planner.search import nearest_miss, resolve_model, search, train_overrides
 

@@ -60,12 +60,31 @@ class Device:
     elementwise_gbps: float = 0.0
     tp_dispatch_curve: tuple = ()
     sp_dispatch_curve: tuple = ()
+    # The step-time model's efficiency parameters for catalog GPUs (what
+    # references.toml fits; see planner/steptime.py for where each enters):
+    # achieved fraction of peak in flash attention (0 = matmul_efficiency),
+    # achieved fraction of hbm_gbps in memory-bound work (norms, RoPE, SiLU,
+    # residual adds, the optimizer), and the host's time to dispatch one aten
+    # op in eager mode (0 = not charged): a step is host-bound when its ops
+    # take longer to issue than the device takes to run them.
+    attention_efficiency: float = 0.0
+    membound_efficiency: float = 1.0
+    host_op_us: float = 0.0
+    # Host link for CPU offload, GB/s per direction (PCIe x16 spec: gen3 16,
+    # gen4 32, gen5 64), and the rate of the optimizer step on the host over
+    # the offloaded states (an assumption: a quarter of a 2-socket 8-channel
+    # DDR4-3200 server's 409.6 GB/s peak, for torch's CPU AdamW).
+    host_gbps: float = 32.0
+    host_adam_gbps: float = 102.4
 
     def peak_flops(self, dtype: str) -> float:
         return getattr(self, dtype) * 1e12
 
     def achieved_flops(self, dtype: str) -> float:
         return self.peak_flops(dtype) * self.matmul_efficiency
+
+    def attention_rate(self, dtype: str) -> float:
+        return self.peak_flops(dtype) * (self.attention_efficiency or self.matmul_efficiency)
 
 
 TUPLE_FIELDS = tuple(f.name for f in fields(Device) if f.name == "match" or f.name.endswith("_curve"))

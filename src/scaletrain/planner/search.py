@@ -8,7 +8,8 @@ from pathlib import Path
 
 from scaletrain.config import MODEL_PRESETS, Config, ModelConfig, ParallelConfig, TrainingConfig, load_config
 from scaletrain.errors import UserError
-from scaletrain.planner.estimate import Estimate, Layout, Workload, estimate
+from scaletrain.planner.estimate import Estimate, estimate
+from scaletrain.planner.layout import Layout, Workload
 from scaletrain.planner.hardware import GIB, Cluster
 
 DEFAULT_VOCAB = 32000  # for presets whose vocabulary comes from the tokenizer

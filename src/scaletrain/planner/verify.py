@@ -15,8 +15,10 @@ from pathlib import Path
 
 from scaletrain.config import load_config
 from scaletrain.model.counts import param_count
-from scaletrain.planner.estimate import (Layout, Workload, coord_of, collectives, estimate, memory_of_rank, merge,
-                                         model_state_bytes, param_table)
+from scaletrain.planner.communication import collectives, merge
+from scaletrain.planner.estimate import estimate
+from scaletrain.planner.layout import Layout, Workload, coord_of, param_table
+from scaletrain.planner.memory import memory_of_rank, model_state_bytes
 from scaletrain.planner.hardware import Cluster, Device
 
 # (name, layout) — each runs as its own launch of `scaletrain train`.

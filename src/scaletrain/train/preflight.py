@@ -2,7 +2,7 @@
 ranks will hold with the memory this machine can give them.
 
 The need per rank is the planner's: model states counted tensor by tensor
-through the trainer's layout rules (``planner.estimate.model_state_bytes``)
+through the trainer's layout rules (``planner.memory.model_state_bytes``)
 plus its activation estimate. Building that table takes time proportional
 to the layer count, so an absurd model is refused first on a lower bound that
 needs no table: whatever the layout, the ranks together hold every parameter,
@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from scaletrain.config import Config, pipeline_microbatches, pipeline_virtual_stages
+from scaletrain.config import Config
 from scaletrain.errors import UserError
 from scaletrain.model.counts import param_count
 from scaletrain.parallel.dims import ParallelDims
@@ -63,20 +63,19 @@ def cgroup_memory() -> tuple[int, int] | None:
 
 def rank_need_bytes(cfg: Config, dims: ParallelDims) -> list[int]:
     """The planner's peak estimate (model states + activations) of each rank."""
-    from scaletrain.planner.estimate import Layout, Workload, activation_bytes, coord_of, model_state_bytes
+    from scaletrain.planner.layout import Workload, coord_of, layout_from_config
+    from scaletrain.planner.memory import activation_bytes, held_gradient_bytes, model_state_bytes
 
-    p, t = cfg.parallel, cfg.training
-    layout = Layout(dims.dp_replicate, dims.dp_shard, p.zero_stage, dims.tp, dims.pp, p.pp_schedule,
-                    pipeline_virtual_stages(p) if dims.pp > 1 else 1,
-                    pipeline_microbatches(cfg) if dims.pp > 1 else 1, t.micro_batch_size,
-                    t.activation_checkpointing, p.sequence_parallel, p.cpu_offload)
+    t = cfg.training
+    layout = layout_from_config(cfg, dims.dp_replicate, dims.dp_shard)
     workload = Workload(cfg.model, cfg.data.seq_len, t.global_batch_size, t.dtype)
     needs = []
     for rank in range(dims.world_size):
         c = coord_of(layout, rank)
         states = model_state_bytes(cfg.model, layout, c)
         acts = activation_bytes(workload, layout, c)
-        needs.append(int(sum(states.values()) + sum(acts.values())))
+        held = held_gradient_bytes(workload, layout, c)
+        needs.append(int(sum(states.values()) + sum(acts.values()) + held))
     return needs
 
 
