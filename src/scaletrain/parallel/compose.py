@@ -48,9 +48,10 @@ class ParallelModel:
     mesh: object
     reduce_every_micro_step: bool = False  # parallel.fsdp_accumulate = sharded (rules.reduce_every_micro_step)
 
-    def __call__(self, tokens: torch.Tensor) -> torch.Tensor:
+    def __call__(self, tokens: torch.Tensor, **kwargs) -> torch.Tensor:
+        """kwargs: the document positions and ids of packed rows (Llama.forward)."""
         assert self.pipeline is None, "a pipelined model runs through its schedule"
-        return self.parts[0](tokens)
+        return self.parts[0](tokens, **kwargs)
 
     def parameters(self):
         return chain.from_iterable(part.parameters() for part in self.parts)
