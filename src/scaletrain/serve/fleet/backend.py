@@ -68,6 +68,7 @@ class Backend:
     ewma_ttft_s: float | None = None
     models: set[str] = field(default_factory=set)  # models loaded there (from its /v1/models)
     served: dict[str, dict] = field(default_factory=dict)  # model id -> its /v1/models entry
+    sent: dict[str, float] = field(default_factory=dict)  # model -> when the router last sent it here
     draining: bool = False
     ready: bool = False  # answered a health probe at least once
     ewma_alpha: float = 0.3

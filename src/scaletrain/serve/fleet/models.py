@@ -43,6 +43,7 @@ class ModelPool:
         self.loaded: OrderedDict[str, LoadedEntry] = OrderedDict()  # least recently used first
         self.sizes: dict[str, int] = {}  # measured at the last load
         self.loads: dict[str, int] = {}
+        self.loading: set[str] = set()
         self.evictions: list[str] = []  # names, in order
         self._lock = asyncio.Lock()
         self.on_load: Callable[[str], None] = lambda name: None
@@ -60,7 +61,11 @@ class ModelPool:
                 if entry is None:
                     need = self.sizes.get(name) or self.estimate(self.paths[name])
                     self._evict(reserve=need)
-                    entry = await asyncio.to_thread(self.build, name, self.paths[name])
+                    self.loading.add(name)
+                    try:
+                        entry = await asyncio.to_thread(self.build, name, self.paths[name])
+                    finally:
+                        self.loading.discard(name)
                     self.loaded[name] = entry
                     self.sizes[name] = entry.nbytes
                     self.loads[name] = self.loads.get(name, 0) + 1

@@ -18,6 +18,8 @@ import httpx
 
 from scaletrain.serve.fleet.backend import OPEN, Backend, CircuitBreaker
 
+RECENT_S = 5.0
+
 
 class Pool:
     def __init__(self, interval_s: float = 1.0, timeout_s: float = 2.0, failure_threshold: int = 3,
@@ -87,7 +89,10 @@ class Pool:
                 self.failure(backend, fatal=True)
             return
         backend.served = {m["id"]: m for m in models.json().get("data", [])}
-        backend.models = {name for name, m in backend.served.items() if m.get("loaded", True)}
+        # A model sent here moments ago may not show as loading yet: keep it for a few seconds.
+        recent = {name for name, at in backend.sent.items() if time.monotonic() - at < RECENT_S}
+        backend.models = {name for name, m in backend.served.items()
+                          if m.get("loaded", True) or m.get("loading") or name in recent}
         backend.ready = True
         backend.breaker.success()
 

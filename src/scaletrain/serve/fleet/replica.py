@@ -117,12 +117,14 @@ class MultiModelApp:
 
     def listing(self) -> list[dict]:
         return [{"id": name, "object": "model", "owned_by": "scaletrain", "root": path,
-                 "loaded": name in self.pool.loaded} for name, path in self.pool.paths.items()]
+                 "loaded": name in self.pool.loaded, "loading": name in self.pool.loading}
+                for name, path in self.pool.paths.items()]
 
     def render(self) -> bytes:
         for name in self.pool.paths:
             self.loaded.labels(name).set(name in self.pool.loaded)
             self.loads.labels(name).inc(0)
+            self.evictions.labels(name).inc(0)
         self.used.set(self.pool.used_bytes())
         self.budget.set(self.pool.budget_bytes)
         return generate_latest(self.registry)

@@ -9,6 +9,7 @@ multi-model replica loads a model on first use)."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
@@ -85,7 +86,8 @@ class Router:
         self.metrics.requests.labels(backend.name).inc()
         self.strategy.routed(backend, route)
         if route.model and route.model in backend.served:
-            backend.models.add(route.model)  # it loads on first use; the next probe confirms
+            backend.models.add(route.model)  # it loads on first use; the next probes confirm
+            backend.sent[route.model] = time.monotonic()
 
     def finished(self, backend: Backend, ok: bool, latency_s: float) -> None:
         backend.in_flight -= 1
