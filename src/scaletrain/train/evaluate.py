@@ -11,6 +11,7 @@ import math
 
 import torch
 import torch.distributed as dist
+from torch.distributed.fsdp import FSDPModule
 
 from scaletrain.data import Rows
 
@@ -46,6 +47,7 @@ def validation_loss(trainer) -> dict:
                                                        batch.targets)).double()
     finally:
         trainer.loss_divisor = previous
+        _reshard(model)
     count = torch.tensor(float(trainer.val_rows.target_count(rows)), dtype=torch.float64, device=device)
     totals = torch.stack([loss_sum, count])
     if trainer.runtime.distributed:
@@ -57,6 +59,16 @@ def validation_loss(trainer) -> dict:
                 totals = _sum_over(totals, group)
     val_loss = (totals[0] / totals[1]).item()
     return {"val_loss": val_loss, "val_ppl": math.exp(min(val_loss, 700.0)), "val_tokens": int(totals[1].item())}
+
+
+def _reshard(model) -> None:
+    """FSDP2 reshards a module after its backward; a forward without one
+    leaves the unsharded parameters registered (and the optimizer's sharded
+    ones unnamed), so put the shards back."""
+    for part in model.parts:
+        for module in part.modules():
+            if isinstance(module, FSDPModule):
+                module.reshard()
 
 
 def _sum_over(t: torch.Tensor, group) -> torch.Tensor:
