@@ -166,6 +166,9 @@ class ParallelConfig:
     grad_compression: str = _f("none", "compress DDP's gradients: none, bf16, powersgd:RANK (PowerSGD with "
                                        "rank-RANK factors) or topk:FRACTION (the largest entries; both with error "
                                        "feedback); plain DDP only")
+    rank_batch: str = _f("", "rows of each global batch per data-parallel rank: empty = an even split, 'auto' = "
+                             "proportional to each rank's throughput measured at start-up, or a list such as "
+                             "'6,2' (one entry per rank, summing to training.global_batch_size; tp = pp = 1)")
     fsdp_accumulate: str = _f("unsharded", "FSDP under gradient accumulation: 'unsharded' reduce-scatters once per "
                                            "step (every rank holds the full fp32 gradient between micro-steps); "
                                            "'sharded' reduce-scatters every micro-step (1/dp_shard of the "
@@ -211,6 +214,8 @@ class DebugConfig:
                                  minimum=0.0)
     supported_dtypes: str = _f("", "testing precision negotiation: the dtypes ranks claim their device supports, "
                                    "RANK:DTYPE/DTYPE,... (e.g. '1:fp16/fp32'); other ranks report their device")
+    slowdown: str = _f("", "make ranks slower, to try parallel.rank_batch on identical devices: RANK:FACTOR,... "
+                           "(e.g. '1:3': rank 1 sleeps 2x its work time after every micro-step)")
 
 
 @dataclass
@@ -429,6 +434,50 @@ def parse_supported_dtypes(text: str) -> dict[int, tuple[str, ...]]:
     return out
 
 
+def parse_rank_batch(text: str) -> list[int] | str | None:
+    """parallel.rank_batch -> None (even split), 'auto', or rows per rank."""
+    text = text.strip()
+    if text in ("", "auto"):
+        return text or None
+    parts = [x.strip() for x in text.strip("[]").split(",")]
+    if not all(x.isdigit() and int(x) > 0 for x in parts):
+        raise UserError(f"parallel.rank_batch = {text!r}; allowed: empty (even split), 'auto', or rows per "
+                        "data-parallel rank as positive integers separated by commas (e.g. '6,2')")
+    return [int(x) for x in parts]
+
+
+def parse_slowdown(text: str) -> dict[int, float]:
+    """debug.slowdown = '1:3,2:1.5' -> {1: 3.0, 2: 1.5}."""
+    out: dict[int, float] = {}
+    for item in filter(None, (x.strip() for x in text.split(","))):
+        rank, _, factor = item.partition(":")
+        try:
+            value = float(factor)
+        except ValueError:
+            value = 0.0
+        if not rank.isdigit() or int(rank) in out or not 1 <= value < 1000:
+            raise UserError(f"debug.slowdown = {text!r}; allowed: RANK:FACTOR separated by commas, each rank "
+                            "once, 1 <= FACTOR < 1000 (e.g. '1:3')")
+        out[int(rank)] = value
+    return out
+
+
+def check_rank_batch_config(cfg: "Config") -> None:
+    split, p, t = parse_rank_batch(cfg.parallel.rank_batch), cfg.parallel, cfg.training
+    parse_slowdown(cfg.debug.slowdown)
+    if split is None:
+        return
+    if p.tp != 1 or p.pp != 1:
+        raise UserError(f"parallel.rank_batch = {p.rank_batch!r} splits rows between data-parallel ranks and "
+                        f"needs tp = 1 and pp = 1 (has tp = {p.tp}, pp = {p.pp})")
+    if cfg.data.batching != "fixed":
+        raise UserError(f"parallel.rank_batch = {p.rank_batch!r} needs data.batching = 'fixed' (has "
+                        f"{cfg.data.batching!r}: its micro batches are already sized per step)")
+    if isinstance(split, list) and sum(split) != t.global_batch_size:
+        raise UserError(f"parallel.rank_batch = {p.rank_batch!r} sums to {sum(split)}; it must sum to "
+                        f"training.global_batch_size = {t.global_batch_size}")
+
+
 def check_comm_hooks(p: "ParallelConfig") -> None:
     """Hierarchical all-reduce and compression are DDP communication hooks."""
     kind, _ = parse_compression(p.grad_compression)
@@ -518,6 +567,7 @@ def validate(cfg: Config) -> None:
     if p.cpu_offload and p.zero_stage != 3:
         raise UserError(f"parallel.cpu_offload = true needs parallel.zero_stage = 3 (is {p.zero_stage})")
     check_comm_hooks(p)
+    check_rank_batch_config(cfg)
     parse_supported_dtypes(cfg.debug.supported_dtypes)
     if p.pp > 1:
         check_pipeline(cfg)

@@ -58,6 +58,7 @@ class DistributedBatchSampler:
         self.batching, self.max_tokens, self.group_size = batching, max_tokens, group_size
         self.epoch = self.step = 0
         self.tokens_seen = 0  # tokens of the rows consumed so far (padding excluded)
+        self.rank_rows: list[int] | None = None  # rows per rank (parallel.rank_batch); None = even micro batches
         self._plan_epoch, self._plan = -1, []
         if self.steps_per_epoch == 0:
             raise UserError(f"the corpus holds {self.n_sequences} training rows of at most data.seq_len tokens, "
@@ -105,6 +106,15 @@ class DistributedBatchSampler:
     def _groups(perm: np.ndarray, size: int):
         return (perm[i:i + size] for i in range(0, len(perm), size))
 
+    def set_rank_rows(self, rank_rows: list[int] | None) -> None:
+        """Cut each global batch into these many rows per rank (in rank order),
+        each rank's rows into micro_per_step / dp_size micro batches; the
+        global order and hence the state are unchanged (train.rank_batch)."""
+        if rank_rows is not None and (len(rank_rows) != self.dp_size or sum(rank_rows) != self.global_batch_size):
+            raise UserError(f"rows per rank {rank_rows} do not split training.global_batch_size = "
+                            f"{self.global_batch_size} over {self.dp_size} data-parallel ranks")
+        self.rank_rows = rank_rows
+
     def next_step(self) -> Step:
         """This rank's micro batches of the next step, advancing the position."""
         k, per_rank = self.micro_per_step, self.micro_per_step // self.dp_size
@@ -115,6 +125,11 @@ class DistributedBatchSampler:
         if self.step == self.steps_per_epoch:
             self.epoch, self.step = self.epoch + 1, 0
         mine = micro[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+        if self.rank_rows is not None:
+            ends = np.cumsum(self.rank_rows)
+            micro = [m for r in range(self.dp_size) for m in np.array_split(rows[ends[r] - self.rank_rows[r]:ends[r]],
+                                                                            per_rank)]
+            mine = micro[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         return Step(mine, micro, rows)
 
     def next_batch(self) -> np.ndarray:

@@ -31,6 +31,7 @@ from scaletrain.parallel.runtime import init_runtime, run_local, shutdown, under
 from scaletrain.train.checks import check_data, data_report, grad_accum_steps, prepare_data, resolve_vocab
 from scaletrain.train.failures import failure_line, is_communication_error, log_traceback
 from scaletrain.train.preflight import check_memory
+from scaletrain.train.rank_batch import check_rank_batch
 from scaletrain.train.rundir import LOCKED_ENV, RunDirLock, check_run_dir, lock_run, run_locks
 
 
@@ -45,7 +46,7 @@ def prepare_run(cfg: Config, world_size: int, run_dir: Path | None,
     memory the job needs; then lock the run directory and write the resolved
     config. A refusal leaves the run directory untouched."""
     dims = ParallelDims.from_config(cfg.parallel, world_size)
-    grad_accum_steps(cfg, dims)
+    check_rank_batch(cfg, dims.dp_size, grad_accum_steps(cfg, dims))
     device_type = "cuda" if torch.cuda.is_available() else "cpu"
     check_offload(cfg, device_type)
     corpus, val_corpus = prepare_data(cfg)

@@ -43,6 +43,7 @@ from scaletrain.train.measure import StepProbe
 from scaletrain.train.metrics import device_peak_flops, mem_peak_bytes, memory_limit_bytes
 from scaletrain.train.optim import build_scheduler
 from scaletrain.train.precision import negotiate_precision
+from scaletrain.train.rank_batch import Slowdown, trainer_rank_rows
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -86,6 +87,10 @@ class Trainer:
         model = Llama(cfg.model)
         model.init_weights(cfg.training.seed)
         model.to(runtime.device)
+        self.slowdown = Slowdown(cfg.debug.slowdown, runtime.rank)
+        if (rank_rows := trainer_rank_rows(self, model)) is not None:  # parallel.rank_batch
+            self.sampler.set_rank_rows(rank_rows)
+            self.token_normalized = True  # rows differ per rank: each token weighs 1 / the global count
         self.model: ParallelModel = parallelize(model, self.dims, self.mesh, cfg, runtime.device, self.loss_fn)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg.training)
@@ -192,6 +197,7 @@ class Trainer:
         self._phase("forward_backward")
         first_forward_s = 0.0
         for micro, rows in enumerate(step.micro):
+            micro_start = time.perf_counter()
             with self.timer.phase("data_s"):
                 batch = self.make_batch(self.rows, rows)
             with self.loss_context(), self.autocast():
@@ -213,6 +219,7 @@ class Trainer:
                         first_forward_s = time.perf_counter() - start
                     with self.timer.phase("backward_s"):
                         (self.scaler.scale(loss) if self.scaler else loss).backward()
+                    self.slowdown.pace(micro_start)  # debug.slowdown
             loss_sum += _local(loss.detach())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)

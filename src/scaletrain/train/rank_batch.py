@@ -1,0 +1,130 @@
+"""Per-rank batch sizes for mixed clusters (``parallel.rank_batch``).
+
+A faster rank takes more rows of each global batch instead of every rank
+waiting for the slowest (Poplar, Whale, Cephalo; PyTorch issue #67253). The
+sampler still draws the same global batches in the same order, only the cut
+between ranks moves (data.sampler: ``set_rank_rows``), so resuming stays
+exact across a change of split; every rank runs the same number of
+micro-steps (its rows cut as evenly as possible), so FSDP's per-forward
+collectives line up. The loss is the sum over a rank's tokens divided by the
+global batch's token count (the trainer's token normalization), which makes
+the averaged gradient exactly the mean over the global batch however the
+rows are split.
+
+``auto`` times forward + backward of the plain model on one micro batch on
+every rank at start-up (before any wrapper, so no collective is timed) and
+splits proportionally to the measured rows/s. ``debug.slowdown = RANK:FACTOR``
+makes a rank FACTOR x slower by sleeping after each of its micro-steps, to
+try this on identical CPUs.
+"""
+
+from __future__ import annotations
+
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.distributed as dist
+
+from scaletrain.config import Config, parse_rank_batch, parse_slowdown
+from scaletrain.errors import UserError
+from scaletrain.observe.events import append_event
+
+
+class Slowdown:
+    """Sleep (FACTOR - 1) x the work time after each micro-step of this rank."""
+
+    def __init__(self, spec: str, rank: int):
+        self.factor = parse_slowdown(spec).get(rank, 1.0)
+
+    def pace(self, started: float) -> None:
+        if self.factor > 1:
+            time.sleep((self.factor - 1) * (time.perf_counter() - started))
+
+
+def check_rank_batch(cfg: Config, dp_size: int, accum: int) -> None:
+    """An explicit list has one entry per data-parallel rank, each >= one row per micro-step."""
+    split = parse_rank_batch(cfg.parallel.rank_batch)
+    if not isinstance(split, list):
+        return
+    if len(split) != dp_size:
+        raise UserError(f"parallel.rank_batch = {cfg.parallel.rank_batch!r} has {len(split)} entries; the "
+                        f"data-parallel size is {dp_size}: give one row count per data-parallel rank")
+    if min(split) < accum:
+        raise UserError(f"parallel.rank_batch = {cfg.parallel.rank_batch!r}: every rank runs {accum} micro-steps "
+                        f"(global / (micro x dp)), so each needs >= {accum} rows")
+
+
+def split_proportional(total: int, speeds: list[float], minimum: int) -> list[int]:
+    """``total`` rows in proportion to ``speeds``, at least ``minimum`` each,
+    rounded by largest remainder (Hamilton's method), so the sum is exact."""
+    n = len(speeds)
+    spare = total - minimum * n
+    if spare < 0:
+        raise UserError(f"training.global_batch_size = {total} is below {minimum} rows x {n} ranks")
+    quota = [spare * s / sum(speeds) for s in speeds]
+    shares = [int(q) for q in quota]
+    by_remainder = sorted(range(n), key=lambda i: quota[i] - shares[i], reverse=True)
+    for i in by_remainder[:spare - sum(shares)]:
+        shares[i] += 1
+    return [minimum + s for s in shares]
+
+
+def probe_rows_per_s(forward_backward, rows: int, device: torch.device, model: torch.nn.Module,
+                     slowdown: Slowdown, repeats: int = 3) -> float:
+    """Rows/s of ``forward_backward()`` on ``rows`` rows (median of ``repeats``
+    after one warm-up), then the model's gradients are dropped."""
+    times = []
+    for i in range(repeats + 1):
+        start = time.perf_counter()
+        forward_backward()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        slowdown.pace(start)
+        if i:
+            times.append(time.perf_counter() - start)
+    model.zero_grad(set_to_none=True)
+    return rows / sorted(times)[len(times) // 2]
+
+
+def resolve_rank_rows(cfg: Config, rank: int, world: int, accum: int, probe, run_dir: Path) -> list[int] | None:
+    """Rows of the global batch per data-parallel rank (tp = pp = 1: the world),
+    or None for the even split. ``probe()`` -> this rank's rows/s (auto only)."""
+    split = parse_rank_batch(cfg.parallel.rank_batch)
+    if split is None:
+        return None
+    check_rank_batch(cfg, world, accum)
+    if split == "auto":
+        mine = probe()
+        speeds = [mine]
+        if world > 1:
+            speeds = [0.0] * world
+            dist.all_gather_object(speeds, mine)
+        split = split_proportional(cfg.training.global_batch_size, speeds, accum)
+        if rank == 0:
+            detail = ("parallel.rank_batch = auto: measured rows/s " + ", ".join(f"{s:.1f}" for s in speeds)
+                      + f" -> rows per rank {split}")
+            append_event(run_dir, "rank_batch", 0, rank, detail, rows_per_s=speeds, rank_rows=split)
+            print(detail, file=sys.stderr)
+    return split
+
+
+def trainer_rank_rows(trainer, model: torch.nn.Module) -> list[int] | None:
+    """Rows per data-parallel rank for ``trainer`` (before its model is
+    wrapped: ``auto`` times the plain ``model`` on one micro batch)."""
+    import numpy as np
+
+    from scaletrain.model import cross_entropy_loss
+
+    dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.cfg.training.dtype)
+
+    def probe() -> float:
+        batch = trainer.make_batch(trainer.rows, np.arange(trainer.cfg.training.micro_batch_size))
+        with torch.autocast(batch.inputs.device.type, dtype=dtype, enabled=dtype is not None):
+            return probe_rows_per_s(lambda: cross_entropy_loss(model(batch.inputs, **batch.model_kwargs()),
+                                                               batch.targets).backward(),
+                                    len(batch.inputs), batch.inputs.device, model, trainer.slowdown)
+
+    runtime = trainer.runtime
+    return resolve_rank_rows(trainer.cfg, runtime.rank, runtime.world_size, trainer.accum, probe, trainer.run_dir)

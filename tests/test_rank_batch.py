@@ -1,0 +1,96 @@
+"""Per-rank batch sizes (parallel.rank_batch): uneven splits of the global
+batch train exactly like one process under DDP, ZeRO-1 and ZeRO-3; auto
+gives a rank slowed by debug.slowdown fewer rows; resuming under another
+split keeps the data position; bad lists are one error line."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+from harness import assert_parity, run_cli, train_many, train_run
+
+from scaletrain.config import load_config, parse_rank_batch
+from scaletrain.data.sampler import DistributedBatchSampler
+from scaletrain.errors import UserError
+from scaletrain.train.rank_batch import split_proportional
+
+BASE = ["training.steps=4", "training.micro_batch_size=2", "logging.sample_tokens=0", "logging.breakdown=false"]
+
+
+def test_uneven_splits_match_one_process(tmp_path, debug_config):
+    stop = ["debug.stop_at_step=2", "checkpoint.interval=1"]
+    runs = train_many(tmp_path, debug_config, {
+        "ddp": BASE + ["parallel.rank_batch=6,2"],
+        "zero1": BASE + ["parallel.rank_batch=2,6", "parallel.zero_stage=1"],
+        "zero3": BASE + ["parallel.rank_batch=6,2", "parallel.zero_stage=3"],
+        "auto": BASE + ["parallel.rank_batch=auto", "debug.slowdown=1:4"],
+        # steps 1-2 split 6,2, then resumed from the step-2 checkpoint split 2,6
+        "first": BASE + stop + ["parallel.rank_batch=6,2"],
+        "resumed": BASE + ["parallel.rank_batch=2,6", f"checkpoint.dir={tmp_path / 'first' / 'checkpoints'}"],
+    }, nproc=2)
+    single = train_run(tmp_path / "single", debug_config, BASE)
+    for name in ("ddp", "zero1", "zero3", "auto"):
+        assert_parity(single, runs[name])
+    first, resumed = runs["first"], runs["resumed"]
+    assert resumed.summary["resumed_from"].endswith("step_00000002")
+    assert [m["step"] for m in first.metrics + resumed.metrics] == [1, 2, 3, 4]
+    np.testing.assert_allclose(first.losses + resumed.losses, single.losses, rtol=1e-5)
+    assert_parity(single, dataclasses.replace(resumed, losses=single.losses))  # the final parameters
+    events = [json.loads(line) for line in (tmp_path / "auto" / "events.jsonl").read_text().splitlines()]
+    (probe,) = [e for e in events if e["kind"] == "rank_batch"]
+    # rank 1 sleeps 3x its work time: it measures slower and gets fewer rows (at least 2, one per micro-step)
+    assert probe["rows_per_s"][0] > 2 * probe["rows_per_s"][1]
+    assert probe["rank_rows"][0] > probe["rank_rows"][1] >= 2 and sum(probe["rank_rows"]) == 8
+
+
+def test_sampler_cuts_the_same_global_batch_by_rank_rows():
+    def take(rank, rank_rows):
+        s = DistributedBatchSampler(100, 8, rank, 2, seed=3, micro_batch_size=2)
+        s.set_rank_rows(rank_rows)
+        steps = [s.next_step() for _ in range(3)]
+        return steps, s.state_dict()
+
+    even = [take(r, None) for r in range(2)]
+    split = [take(r, [6, 2]) for r in range(2)]
+    for k in range(3):
+        rows = even[0][0][k].rows
+        assert np.array_equal(split[0][0][k].rows, rows)  # the same global batch
+        mine = [np.concatenate(split[r][0][k].micro) for r in range(2)]
+        assert [len(m) for m in mine] == [6, 2] and np.array_equal(np.concatenate(mine), rows)
+        assert [len(m) for m in split[0][0][k].micro] == [3, 3]  # 2 micro-steps on every rank
+    assert split[0][1] == even[0][1]  # the position does not depend on the split
+    with pytest.raises(UserError, match="do not split"):
+        DistributedBatchSampler(100, 8, 0, 2, micro_batch_size=2).set_rank_rows([4, 3])
+
+
+@pytest.mark.parametrize("total, speeds, minimum, shares", [
+    (8, [3.0, 1.0], 1, [6, 2]), (8, [1.0, 1.0], 1, [4, 4]), (8, [3.4, 1.0], 2, [5, 3]),
+    (10, [1.0, 1.0, 1.0], 1, [4, 3, 3]), (16, [100.0, 1.0], 4, [12, 4]),
+])
+def test_split_proportional(total, speeds, minimum, shares):
+    assert split_proportional(total, speeds, minimum) == shares
+
+
+def test_rank_batch_specs():
+    assert parse_rank_batch("") is None and parse_rank_batch("auto") == "auto"
+    assert parse_rank_batch("6,2") == [6, 2] == parse_rank_batch("[6, 2]")
+    for bad, needle in [("6,x", "positive integers"), ("0,8", "positive integers")]:
+        with pytest.raises(UserError, match=needle):
+            parse_rank_batch(bad)
+    for overrides, needle in [(["parallel.rank_batch=6,1"], "sums to 7; it must sum to"),
+                              (["parallel.rank_batch=auto", "parallel.tp=2"], "needs tp = 1 and pp = 1"),
+                              (["parallel.rank_batch=auto", "data.batching=token_budget",
+                                "data.max_tokens_per_batch=512"], "needs data.batching = 'fixed'"),
+                              (["debug.slowdown=1:0.5"], "debug.slowdown")]:
+        with pytest.raises(UserError, match=needle):
+            load_config(None, ["training.global_batch_size=8", "training.micro_batch_size=2", *overrides])
+
+
+def test_wrong_length_is_one_error_line_before_workers_start(tmp_path, debug_config):
+    proc = run_cli(["train", "--config", str(debug_config), "--run-dir", str(tmp_path / "r"), "--nproc", "2",
+                    "--set", "parallel.rank_batch=4,2,2", "--set", "training.micro_batch_size=2"], timeout=60)
+    assert proc.returncode == 2 and proc.stderr.startswith("error: parallel.rank_batch = '4,2,2' has 3 entries")
+    assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
