@@ -208,3 +208,99 @@ def test_documents_train_alike_under_every_layout(tmp_path, doc_config):
     assert (summary["best_val_loss"], summary["best_val_step"]) == best
     assert all(0 <= m["pad_fraction"] < 0.2 for m in refs["packed"].metrics)
     assert refs["packed_budget"].metrics[-1]["tokens"] > 0
+
+
+# --- the cache: offsets, chat masks, checksums, parallel builders, more sources ----------------
+
+def data_cfg(tmp_path: Path, **overrides):
+    cfg = load_config(None, [f"data.cache_dir={tmp_path / 'cache'}", "data.tokenizer=byte"])
+    import dataclasses
+
+    return dataclasses.replace(cfg.data, **overrides)
+
+
+def test_cache_keeps_document_offsets_and_parallel_builders_write_the_same_files(tmp_path):
+    from scaletrain.data import prepare_corpus
+
+    texts = [f"document {i} " * (i % 7 + 1) for i in range(700)]
+    (tmp_path / "c.jsonl").write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    one = prepare_corpus(data_cfg(tmp_path, source=str(tmp_path / "c.jsonl"), num_workers=1), show_progress=False)
+    offsets = one.offsets()
+    assert len(offsets) == 701 and offsets[-1] == one.n_tokens
+    assert bytes(one.tokens()[offsets[5]:offsets[6] - 1].astype(np.uint8)).decode() == texts[5]
+    two = prepare_corpus(data_cfg(tmp_path / "b", source=str(tmp_path / "c.jsonl"), num_workers=2),
+                         show_progress=False)
+    for name in ("tokens.bin", "offsets.bin"):
+        assert (one.tokens_path.parent / name).read_bytes() == (two.tokens_path.parent / name).read_bytes()
+
+
+def test_a_corrupted_cache_is_detected_and_rebuilt(tmp_path, capsys):
+    from scaletrain.data import prepare_corpus
+
+    (tmp_path / "a.txt").write_text("hello documents " * 50)
+    cfg = data_cfg(tmp_path, source=str(tmp_path / "a.txt"))
+    corpus = prepare_corpus(cfg, show_progress=False)
+    good = corpus.tokens_path.read_bytes()
+    corpus.tokens_path.write_bytes(good[:10] + b"\xff" + good[11:])
+    again = prepare_corpus(cfg, show_progress=False)
+    assert "corrupted (checksum mismatch); rebuilding it" in capsys.readouterr().err
+    assert again.tokens_path.read_bytes() == good
+
+
+def test_chat_lines_train_only_on_assistant_turns(tmp_path):
+    from scaletrain.data import prepare_corpus
+
+    chat = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Hi?"},
+            {"role": "assistant", "content": "Hello."}, {"role": "user", "content": "Bye?"},
+            {"role": "assistant", "content": "Bye."}]
+    (tmp_path / "chat.jsonl").write_text(json.dumps({"messages": chat}) + "\n")
+    corpus = prepare_corpus(data_cfg(tmp_path, source=str(tmp_path / "chat.jsonl"), format="chat"),
+                            show_progress=False)
+    tokens, mask = corpus.tokens(), corpus.loss_mask()
+    trained = bytes(t for t, m in zip(tokens.tolist(), mask.tolist()) if m and t < 256).decode()
+    assert trained == "Hello.\nBye.\n" and mask[-1] == 1  # and the final EOS
+    full = bytes(t for t in tokens.tolist() if t < 256).decode()
+    assert full.startswith("<|system|>\nBe brief.\n<|user|>\nHi?\n<|assistant|>\nHello.\n")
+    rows = Rows(tokens, corpus.offsets(), np.arange(1), 256, "padded", mask)
+    batch = rows.batch([0])
+    assert rows.target_count(np.array([0])) == int(mask[1:].sum()) == int((batch.targets != IGNORE_INDEX).sum())
+
+
+def test_a_datasets_save_to_disk_directory_is_a_source(tmp_path):
+    datasets = pytest.importorskip("datasets")
+    from scaletrain.data import prepare_corpus
+
+    datasets.Dataset.from_dict({"text": ["alpha beta", "", "gamma"], "n": [1, 2, 3]}).save_to_disk(tmp_path / "ds")
+    corpus = prepare_corpus(data_cfg(tmp_path, source=str(tmp_path / "ds")), show_progress=False)
+    assert corpus.n_documents == 2  # the empty row is skipped (and counted in a warning)
+    assert bytes(corpus.tokens()[:10].astype(np.uint8)).decode() == "alpha beta"
+
+
+@pytest.mark.parametrize("line, fmt, message", [
+    ('{"text": 5}', "jsonl", "field 'text' is a int, not a string"),
+    ('{"prompt": "hi"}', "chat", "no 'messages' list"),
+    ('{"messages": [{"role": "robot", "content": "x"}]}', "chat", r"messages\[0\] needs a 'role'"),
+])
+def test_bad_documents_are_one_line_errors(tmp_path, line, fmt, message):
+    from scaletrain.data import prepare_corpus
+
+    (tmp_path / "bad.jsonl").write_text(line + "\n")
+    with pytest.raises(UserError, match=message):
+        prepare_corpus(data_cfg(tmp_path, source=str(tmp_path / "bad.jsonl"), format=fmt), show_progress=False)
+    assert not any(p.name == "meta.json" for p in (tmp_path / "cache").rglob("*"))
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    (["data.packing=packed", "data.batching=token_budget", "data.max_tokens_per_batch=32"],
+     "data.max_tokens_per_batch = 32 is below the longest row (64 tokens"),
+    (["data.batching=token_budget"], "data.batching = token_budget needs data.max_tokens_per_batch"),
+    (["data.val_fraction=0.0001"], "leaves an empty validation split"),
+    (["data.val_fraction=0.5", "data.val_source=x"], "choose one validation split"),
+])
+def test_bad_data_settings_are_refused_before_anything_is_written(tmp_path, capsys, doc_config, overrides, needle):
+    from test_cli import assert_one_line_error, run_main
+
+    args = ["train", "--config", str(doc_config), "--run-dir", str(tmp_path / "run")]
+    code, _, err = run_main(capsys, args + [a for o in overrides for a in ("--set", o)])
+    assert_one_line_error(code, err, needle)
+    assert not (tmp_path / "run").exists()
