@@ -8,13 +8,13 @@ workload is sent: shared-prefix groups (a 512-character "system prompt" per
 group, fresh text for every strategy so that no engine's prefix cache helps
 a later run) with three sessions (``user``) per group, streamed, greedy.
 Throughput and p50/p99 time to first token are printed with their ratio to
-round_robin, which runs first.
+round_robin, which runs first in each of ``--rounds`` rounds.
 
 Cache: a workload in which every prompt comes three times, through a router
 with the response cache and one without. Kill: ``scaletrain serve
 --replicas 2``, plain and streamed requests, one replica SIGKILLed after
-3 s; requests sent and failed, and p99 latency before and during the kill
-(from the kill until the supervisor has the replica back).
+3 s; requests sent and failed, and p99 latency before the kill and in the
+10 s after it (the supervisor has the replica back within them).
 
     python benchmarks/bench_fleet.py [--requests 96] [--concurrency 8] [--max-tokens 16]
 """
@@ -78,17 +78,27 @@ def router(name: str, backends: list[str], args: list[str], work: Path) -> Serve
     return server
 
 
-def strategies(args, engines: list[Server], work: Path) -> list[dict]:
+def router_counts(url: str, name: str) -> dict[str, float]:
+    """scaletrain:router_<name>{backend=...} per backend."""
+    out = {}
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(f"scaletrain:router_{name}{{"):
+            out[line.split('backend="')[1].split('"')[0]] = float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def strategies(args, engines: list[Server], work: Path, round_: int) -> list[dict]:
     rows = []
     urls = [e.url for e in engines]
     for i, strategy in enumerate(STRATEGIES):
         extra = ["--weights", "measured"] if strategy == "weighted" else []
         rt = router(strategy, urls, ["--strategy", strategy, "--no-cache", *extra], work)
         try:
-            items = workload(args.requests, args.groups, seed=100 + i)
+            items = workload(args.requests, args.groups, seed=100 * round_ + i)
             row = asyncio.run(run_load(f"{rt.url}/v1", "fleet", items, args.concurrency, args.max_tokens,
                                        args.time_limit))
-            rows.append({"server": strategy, **row})
+            sent = router_counts(rt.url, "requests_total")
+            rows.append({"server": strategy, **row, "share": [sent.get(u, 0) / max(1, sum(sent.values())) for u in urls]})
         finally:
             rt.stop()
     return rows
@@ -155,7 +165,6 @@ def kill_experiment(args, ckpt: Path, work: Path) -> list[str]:
         victim = lambda: httpx.get(f"{fleet.url}/health", timeout=5).json()["backends"][0]["pid"]
         results, killed = asyncio.run(_kill_load(fleet.url, 3.0, 20.0, victim, args.concurrency, args.max_tokens))
         wait_healthy(fleet.url, 2, 60)
-        back = time.monotonic()
     finally:
         fleet.stop()
     lines = []
@@ -166,18 +175,20 @@ def kill_experiment(args, ckpt: Path, work: Path) -> list[str]:
         kind = "streamed" if streamed else "plain"
         lines.append(f"| {kind} | {len(mine)} | {sum(not r[2] for r in mine)} | "
                      f"{_percentile(before, 99) * 1e3:.0f} | {_percentile(during, 99) * 1e3:.0f} |")
-    del back
     return ["| requests | sent | failed | p99 latency before the kill (ms) | p99 in the 10 s after it (ms) |",
             "|---|---|---|---|---|", *lines]
 
 
-def ratio_table(rows: list[dict]) -> str:
+def ratio_table(rows: list[dict], threads: list[int]) -> str:
     base = rows[0]
-    lines = ["| strategy | req/s | x RR | TTFT p50 ms | x RR | TTFT p99 ms | x RR |", "|---|---|---|---|---|---|---|"]
+    shares = " / ".join(f"threads-{t}" for t in threads)
+    lines = [f"| strategy | req/s | x RR | TTFT p50 ms | x RR | TTFT p99 ms | x RR | requests to {shares} |",
+             "|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['server']} | {r['request_throughput']:.2f} | {r['request_throughput'] / base['request_throughput']:.2f} "
                      f"| {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p50'] / base['ttft_ms_p50']:.2f} "
-                     f"| {r['ttft_ms_p99']:.0f} | {r['ttft_ms_p99'] / base['ttft_ms_p99']:.2f} |")
+                     f"| {r['ttft_ms_p99']:.0f} | {r['ttft_ms_p99'] / base['ttft_ms_p99']:.2f} "
+                     f"| {' / '.join(f'{x:.0%}' for x in r['share'])} |")
     return "\n".join(lines)
 
 
@@ -189,6 +200,8 @@ def main() -> None:
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--threads", default="2,1", help="torch threads of the two engines (the slow one last)")
     parser.add_argument("--time-limit", type=float, default=180.0)
+    parser.add_argument("--rounds", type=int, default=2, help="every strategy once per round (the spread "
+                        "between rounds is the machine's noise)")
     parser.add_argument("--skip", default="", help="comma-separated: strategies, cache, kill")
     args = parser.parse_args()
     skip = set(filter(None, args.skip.split(",")))
@@ -200,12 +213,12 @@ def main() -> None:
                                                      str(port), "--threads", str(t), "--served-model-name", "fleet"],
                           port, t, work) for i, (t, port) in enumerate((t, free_port()) for t in threads)]
         try:
-            if "strategies" not in skip:
-                rows = strategies(args, engines, work)
-                print(f"engines: threads {args.threads}; {args.requests} streamed requests per strategy, "
-                      f"{args.groups} shared-prefix groups x 3 sessions, concurrency {args.concurrency}, "
+            for round_ in range(1, args.rounds + 1) if "strategies" not in skip else ():
+                rows = strategies(args, engines, work, round_)
+                print(f"round {round_}: engines with threads {args.threads}; {args.requests} streamed requests per "
+                      f"strategy, {args.groups} shared-prefix groups x 3 sessions, concurrency {args.concurrency}, "
                       f"max_tokens {args.max_tokens}\n")
-                print(format_table(rows) + "\n\n" + ratio_table(rows) + "\n", flush=True)
+                print(format_table(rows) + "\n\n" + ratio_table(rows, threads) + "\n", flush=True)
             if "cache" not in skip:
                 print("response cache, every prompt three times (least_outstanding):\n")
                 print(format_table(cache_effect(args, engines, work)) + "\n", flush=True)

@@ -6,6 +6,8 @@ backends are dead."""
 from __future__ import annotations
 
 import json
+import os
+import signal
 import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
@@ -132,6 +134,9 @@ def test_streaming_cache_and_error_contract_through_the_router(engines):
             theirs = httpx.post(f"{engines[1].url}/v1/completions", json=bad, timeout=30)
             assert (ours.status_code, ours.json()) == (theirs.status_code, theirs.json())
         assert rt.metric("errors_total") == 0 and rt.metric("retries_total") == 0
+        bench = run_cli(["bench", "serve", "--url", rt.url, "--concurrency", "2", "--num-prompts", "4",
+                         "--max-tokens", "4", "--json"], timeout=120)
+        assert bench.returncode == 0 and json.loads(bench.stdout)[0]["completed"] == 4, bench.stderr
     finally:
         assert rt.stop() == 0, rt.output()
 
@@ -152,6 +157,28 @@ def test_dead_backends_fail_over_and_no_backend_is_503_at_once(engines):
         assert resp.status_code == 503 and resp.headers["retry-after"] == "1", resp.text
         assert resp.json()["error"]["code"] == "no_healthy_backend" and time.monotonic() - started < 3
         assert httpx.get(f"{rt.url}/health", timeout=5).status_code == 503
+    finally:
+        assert rt.stop() == 0, rt.output()
+
+
+def test_a_hung_backend_is_taken_out_and_its_requests_fail_over(engines):
+    """vLLM production-stack #749: one stuck backend must not hang the router's requests."""
+    rt = router(engines, "--strategy", "round_robin", "--no-cache", "--probe-interval", "0.3", "--probe-timeout", "0.5")
+    hung = engines[1]
+    try:
+        os.kill(hung.proc.pid, signal.SIGSTOP)  # accepts connections (the kernel does), never answers
+        try:
+            started = time.monotonic()
+            answers = [complete(rt.url, timeout=60) for _ in range(4)]
+            elapsed = time.monotonic() - started
+            states = {b["url"]: b["state"] for b in rt.health()["backends"]}
+        finally:
+            os.kill(hung.proc.pid, signal.SIGCONT)
+        assert [a.status_code for a in answers] == [200] * 4 and {backend_of(a) for a in answers} == {engines[0].url}
+        assert elapsed < 10 and states[hung.url] == "open"  # three late probes, not the 120 s read timeout
+        assert rt.metric("errors_total", backend=hung.url, kind="backend_down") == 1
+        assert rt.metric("retries_total", backend=hung.url) == 1
+        rt.wait_healthy(2, timeout_s=30)  # answers again: probed back in
     finally:
         assert rt.stop() == 0, rt.output()
 

@@ -52,18 +52,22 @@ def test_weighted_follows_static_and_measured_weights():
     pool = backends(2)
     pool[0].weight, pool[1].weight = 3, 1
     assert Counter(picks(Weighted(), pool, [RouteRequest()] * 8)) == {"http://b0": 6, "http://b1": 2}
-    pool[0].ewma_ttft_s, pool[1].ewma_ttft_s = 0.1, 0.4  # capacity 10 vs 2.5: 4:1
+    pool[0].ewma_cost_s, pool[1].ewma_cost_s = 0.1, 0.4  # capacity 10 vs 2.5: 4:1
     assert Counter(picks(Weighted(measured=True), pool, [RouteRequest()] * 10)) == {"http://b0": 8, "http://b1": 2}
 
 
 def test_latency_prefers_unmeasured_then_lowest_expected_wait():
     pool = backends(3)
-    pool[0].ewma_ttft_s, pool[1].ewma_ttft_s = 0.05, 0.2
+    pool[0].observe_ttft(0.05)
+    pool[1].observe_ttft(0.8, load=4)  # timed while 4 were in flight: 0.2 per request
     assert Latency().choose(pool, RouteRequest()).name == "http://b2"  # not measured yet
-    pool[2].ewma_ttft_s = 0.5
+    pool[2].observe_ttft(0.5)
     assert Latency().choose(pool, RouteRequest()).name == "http://b0"
     pool[0].in_flight = 5  # 0.05 x 6 = 0.3 > 0.2 x 1
     assert Latency().choose(pool, RouteRequest()).name == "http://b1"
+    assert pool[1].ewma_ttft_s == 0.8 and pool[1].ewma_cost_s == 0.2
+    pool[1].observe_ttft(0.1)
+    assert pool[1].ewma_cost_s == pytest.approx(0.3 * 0.1 + 0.7 * 0.2)
 
 
 def test_session_is_sticky_and_only_the_leaving_backends_keys_move():

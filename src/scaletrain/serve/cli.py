@@ -51,6 +51,8 @@ def serve(
     retries: int = fleet_cli.RETRIES,
     connect_timeout: float = fleet_cli.CONNECT_TIMEOUT,
     read_timeout: float = fleet_cli.READ_TIMEOUT,
+    probe_interval: float = fleet_cli.PROBE_INTERVAL,
+    probe_timeout: float = fleet_cli.PROBE_TIMEOUT,
     no_cache: bool = fleet_cli.NO_CACHE,
     cache_bytes: str = fleet_cli.CACHE_BYTES,
     cache_ttl: float = fleet_cli.CACHE_TTL,
@@ -88,7 +90,8 @@ def serve(
     check_options(opts)
     ropts = fleet_cli.router_options(host, router_port if router_port is not None else port, strategy, weights,
                                      prefix_threshold, session_header, retries, connect_timeout, read_timeout,
-                                     no_cache, cache_bytes, cache_ttl, grace, api_key)
+                                     probe_interval, probe_timeout, no_cache, cache_bytes, cache_ttl, grace,
+                                     api_key)
     count = replicas if replicas is not None else (min_replicas or 1)
     fopts = FleetOptions(count, min_replicas, max_replicas, target_ongoing_requests, upscale_delay,
                          downscale_delay, look_back, fleet_cli.parse_threads(replica_threads), follow)

@@ -65,7 +65,8 @@ class Backend:
     weight: float = 1.0
     breaker: CircuitBreaker = field(default_factory=CircuitBreaker)
     in_flight: int = 0
-    ewma_ttft_s: float | None = None
+    ewma_ttft_s: float | None = None  # time to first token as clients saw it
+    ewma_cost_s: float | None = None  # the same divided by the requests in flight there at dispatch
     models: set[str] = field(default_factory=set)  # models loaded there (from its /v1/models)
     served: dict[str, dict] = field(default_factory=dict)  # model id -> its /v1/models entry
     sent: dict[str, float] = field(default_factory=dict)  # model -> when the router last sent it here
@@ -80,6 +81,11 @@ class Backend:
     def usable(self) -> bool:
         return self.ready and not self.draining and self.breaker.available()
 
-    def observe_ttft(self, seconds: float) -> None:
-        prev = self.ewma_ttft_s
-        self.ewma_ttft_s = seconds if prev is None else self.ewma_alpha * seconds + (1 - self.ewma_alpha) * prev
+    def observe_ttft(self, seconds: float, load: int = 1) -> None:
+        """``load``: requests in flight here when this one was sent, itself included. Dividing by it
+        keeps a backend measured while busy from looking slow for good once it is idle again."""
+        self.ewma_ttft_s = self._ewma(self.ewma_ttft_s, seconds)
+        self.ewma_cost_s = self._ewma(self.ewma_cost_s, seconds / max(1, load))
+
+    def _ewma(self, prev: float | None, sample: float) -> float:
+        return sample if prev is None else self.ewma_alpha * sample + (1 - self.ewma_alpha) * prev

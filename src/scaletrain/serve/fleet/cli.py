@@ -21,18 +21,21 @@ RETRIES = typer.Option(2, "--retries", help="Other backends tried when one fails
 CONNECT_TIMEOUT = typer.Option(2.0, "--connect-timeout", help="Seconds to connect to a backend.")
 READ_TIMEOUT = typer.Option(120.0, "--read-timeout", help="Seconds a backend may stay silent (a whole plain "
                             "generation must fit).")
+PROBE_INTERVAL = typer.Option(1.0, "--probe-interval", help="Seconds between two health probes of a backend.")
+PROBE_TIMEOUT = typer.Option(2.0, "--probe-timeout", help="Seconds a health probe may take; three late ones in "
+                             "a row take the backend out.")
 NO_CACHE = typer.Option(False, "--no-cache", help="Turn the response cache off.")
 CACHE_BYTES = typer.Option("64M", "--cache-bytes", help="Response cache budget (LRU past it).")
 CACHE_TTL = typer.Option(600.0, "--cache-ttl", help="Seconds a cached response stays valid.")
 
 
 def router_options(host, port, strategy, weights, prefix_threshold, session_header, retries, connect_timeout,
-                   read_timeout, no_cache, cache_bytes, cache_ttl, grace, api_key):
+                   read_timeout, probe_interval, probe_timeout, no_cache, cache_bytes, cache_ttl, grace, api_key):
     from scaletrain.serve.fleet.fleet import RouterOptions
 
     return RouterOptions(host, port, strategy, weights, prefix_threshold, session_header, retries,
-                         connect_timeout, read_timeout, cache=not no_cache, cache_bytes=cache_bytes,
-                         cache_ttl_s=cache_ttl, grace_s=grace, api_key=api_key)
+                         connect_timeout, read_timeout, probe_interval, probe_timeout, cache=not no_cache,
+                         cache_bytes=cache_bytes, cache_ttl_s=cache_ttl, grace_s=grace, api_key=api_key)
 
 
 def router(
@@ -46,6 +49,8 @@ def router(
     retries: int = RETRIES,
     connect_timeout: float = CONNECT_TIMEOUT,
     read_timeout: float = READ_TIMEOUT,
+    probe_interval: float = PROBE_INTERVAL,
+    probe_timeout: float = PROBE_TIMEOUT,
     no_cache: bool = NO_CACHE,
     cache_bytes: str = CACHE_BYTES,
     cache_ttl: float = CACHE_TTL,
@@ -58,7 +63,8 @@ def router(
     from scaletrain.serve.fleet.fleet import run_router
 
     opts = router_options(host, port, strategy, weights, prefix_threshold, session_header, retries,
-                          connect_timeout, read_timeout, no_cache, cache_bytes, cache_ttl, grace, api_key)
+                          connect_timeout, read_timeout, probe_interval, probe_timeout, no_cache, cache_bytes,
+                          cache_ttl, grace, api_key)
     raise typer.Exit(run_router(list(backend), opts))
 
 

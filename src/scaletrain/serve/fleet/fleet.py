@@ -70,8 +70,8 @@ def check_router_options(opts: RouterOptions) -> list[float] | None:
 
     checks = [(0 <= opts.port < 65536, f"--router-port {opts.port}: must be in 0..65535"),
               (opts.retries >= 0, f"--retries {opts.retries}: must be 0 or more"),
-              (opts.connect_timeout_s > 0 and opts.read_timeout_s > 0, "--connect-timeout and --read-timeout must "
-               "be positive"),
+              (min(opts.connect_timeout_s, opts.read_timeout_s, opts.probe_interval_s, opts.probe_timeout_s) > 0,
+               "--connect-timeout, --read-timeout, --probe-interval and --probe-timeout must be positive"),
               (opts.prefix_threshold >= 0, f"--prefix-threshold {opts.prefix_threshold}: must be 0 or more")]
     for ok, message in checks:
         if not ok:

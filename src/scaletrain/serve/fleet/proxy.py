@@ -100,6 +100,7 @@ async def _try(router, backend: Backend, path: str, raw: bytes, headers: dict, s
                request: Request) -> Response:
     attempt = _Try(backend, time.monotonic())
     router.dispatched(backend, route)
+    load = backend.in_flight
     released = False
 
     def release(ok: bool) -> None:
@@ -129,7 +130,7 @@ async def _try(router, backend: Backend, path: str, raw: bytes, headers: dict, s
             return Response(content, 200, headers=_passed_headers(upstream, backend))
         head, rest, chunks = await _until_down(router, backend, request, _first_token(upstream))
         router.metrics.ttft.labels(backend.name).observe(time.monotonic() - attempt.started)
-        backend.observe_ttft(time.monotonic() - attempt.started)
+        backend.observe_ttft(time.monotonic() - attempt.started, load)
     except _Failed:
         raise
     except _ClientGone:

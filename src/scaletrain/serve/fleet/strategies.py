@@ -83,7 +83,8 @@ class Weighted(Strategy):
     """Smooth weighted round robin (nginx's): every pick adds each weight to
     its backend's credit, the richest wins and pays the total. Weights are
     static (``Backend.weight``) or, with ``measured``, the measured capacity
-    1 / EWMA(TTFT) (backends not yet measured get the mean of the others)."""
+    1 / EWMA(TTFT per request in flight) (backends not yet measured get the
+    mean of the others)."""
 
     name = "weighted"
 
@@ -94,9 +95,9 @@ class Weighted(Strategy):
     def weights(self, backends: list[Backend]) -> list[float]:
         if not self.measured:
             return [b.weight for b in backends]
-        known = [1 / b.ewma_ttft_s for b in backends if b.ewma_ttft_s]
+        known = [1 / b.ewma_cost_s for b in backends if b.ewma_cost_s]
         default = sum(known) / len(known) if known else 1.0
-        return [1 / b.ewma_ttft_s if b.ewma_ttft_s else default for b in backends]
+        return [1 / b.ewma_cost_s if b.ewma_cost_s else default for b in backends]
 
     def choose(self, backends, request):
         weights = self.weights(backends)
@@ -108,14 +109,17 @@ class Weighted(Strategy):
 
 
 class Latency(Strategy):
-    """Lowest expected wait: EWMA(TTFT) x (in flight + 1), Envoy's least-request
-    scoring with the latency as the weight. A backend without a measurement
-    yet scores 0, so every one gets measured."""
+    """Lowest expected time to first token: cost x (in flight + 1), where cost
+    is the EWMA of TTFT per request in flight at dispatch (Finagle's peak-EWMA
+    load balancer scores latency x (pending + 1) the same way). Measuring per
+    request in flight keeps a backend that was timed while busy from being
+    starved once it is idle. A backend without a measurement yet scores 0, so
+    every one gets measured."""
 
     name = "latency"
 
     def choose(self, backends, request):
-        return min(backends, key=lambda b: ((b.ewma_ttft_s or 0.0) * (b.in_flight + 1), b.in_flight))
+        return min(backends, key=lambda b: ((b.ewma_cost_s or 0.0) * (b.in_flight + 1), b.in_flight))
 
 
 class Session(Strategy):
