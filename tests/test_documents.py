@@ -191,6 +191,7 @@ CASES_2 = {  # (name, reference, overrides on 2 ranks)
         "parallel.zero_stage=3", "training.micro_batch_size=1"]),
     "tp_packed": ("packed", CASES_1["packed"] + ["parallel.tp=2"]),
     "pp_packed": ("packed", CASES_1["packed"] + ["parallel.pp=2", "parallel.pp_microbatches=2"]),
+    "stopped_budget": ("packed_budget", CASES_1["packed_budget"] + ["debug.stop_at_step=2"]),
 }
 
 
@@ -198,6 +199,10 @@ def test_documents_train_alike_under_every_layout(tmp_path, doc_config):
     refs = train_many(tmp_path / "one", doc_config, CASES_1, nproc=1)
     runs = train_many(tmp_path / "two", doc_config, {name: overrides for name, (_, overrides) in CASES_2.items()},
                       nproc=2, timeout=400)
+    # Resumed mid-epoch on one rank (was two): the same rows, nothing repeated or skipped.
+    runs["stopped_budget"] = train_many(tmp_path / "two", doc_config, {"stopped_budget": CASES_1["packed_budget"]},
+                                        nproc=1)["stopped_budget"]
+    assert [m["step"] for m in runs["stopped_budget"].metrics] == [1, 2, 3, 4]
     for name, (ref, _) in CASES_2.items():
         assert_parity(refs[ref], runs[name], rtol=1e-4, atol=1e-5, param_atol=1e-4)
         val = [m["val_loss"] for m in runs[name].metrics if "val_loss" in m]

@@ -31,7 +31,7 @@ from scaletrain.debug.watchdog import Watchdog
 from scaletrain.model import Llama, cross_entropy_loss, train_flops_per_token
 from scaletrain.observe.breakdown import ResourceSampler, StepTimer, find_stragglers, gather_rows, mean_phases
 from scaletrain.observe.events import append_event, read_events
-from scaletrain.observe.recorder import Recorder, build_recorder, truncate_records
+from scaletrain.observe.recorder import Recorder, build_recorder, read_records, truncate_records
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
 from scaletrain.parallel.runtime import Runtime, bind_training_thread
 from scaletrain.train import report
@@ -141,6 +141,9 @@ class Trainer:
             self.step = self.checkpoints.load(Path(choice[0]))
             if self.runtime.is_main:
                 truncate_records(self.run_dir, self.step)
+                # The best validation loss (in the summary) counts the steps before the resume too.
+                self.val_history = [(r["step"], r["val_loss"]) for r in read_records(self.run_dir / "metrics.jsonl")
+                                    if "val_loss" in r]
             restart = int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0"))
             if restart and self.runtime.is_main:
                 append_event(self.run_dir, "restart", self.step, self.runtime.rank,
@@ -197,7 +200,7 @@ class Trainer:
         self._phase("forward_backward")
         first_forward_s = 0.0
         for micro, rows in enumerate(step.micro):
-            micro_start = time.perf_counter()
+            micro_start = self.slowdown.start()
             with self.timer.phase("data_s"):
                 batch = self.make_batch(self.rows, rows)
             with self.loss_context(), self.autocast():
