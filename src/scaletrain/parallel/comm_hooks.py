@@ -26,6 +26,7 @@ the fp32 all-reduce of the same buckets.
 # No "from __future__ import annotations": DDP checks that a hook is annotated
 # with the type torch.futures.Future[torch.Tensor] itself, not its string.
 import os
+import sys
 from dataclasses import dataclass, field
 
 import torch
@@ -200,6 +201,9 @@ def register_comm_hook(ddp, group, p: ParallelConfig, device_type: str) -> CommS
     if p.dp_allreduce == "hierarchical":
         mesh = node_mesh(group, device_type)
         if mesh is None:  # one node (or one rank per node): the flat all-reduce is already that
+            if dist.get_rank() == 0:
+                print("parallel.dp_allreduce = hierarchical: the data-parallel ranks are on one node (or one per "
+                      "node), so the flat all-reduce is used", file=sys.stderr)
             return None
         ddp.register_comm_hook(HierarchicalState(mesh["local"].get_group(), mesh["node"].get_group(),
                                                  group.size(), stats, dist.get_backend(group) == "gloo"),

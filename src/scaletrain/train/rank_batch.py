@@ -33,14 +33,22 @@ from scaletrain.observe.events import append_event
 
 
 class Slowdown:
-    """Sleep (FACTOR - 1) x the work time after each micro-step of this rank."""
+    """Sleep (FACTOR - 1) x the work time after each micro-step of this rank.
+
+    Work time is the training thread's CPU time, not wall time: a wall clock
+    would count the wait for slower ranks inside DDP's all-reduce as work and
+    sleep it off again."""
 
     def __init__(self, spec: str, rank: int):
         self.factor = parse_slowdown(spec).get(rank, 1.0)
 
+    @staticmethod
+    def start() -> float:
+        return time.thread_time()
+
     def pace(self, started: float) -> None:
         if self.factor > 1:
-            time.sleep((self.factor - 1) * (time.perf_counter() - started))
+            time.sleep((self.factor - 1) * (time.thread_time() - started))
 
 
 def check_rank_batch(cfg: Config, dp_size: int, accum: int) -> None:
@@ -77,11 +85,11 @@ def probe_rows_per_s(forward_backward, rows: int, device: torch.device, model: t
     after one warm-up), then the model's gradients are dropped."""
     times = []
     for i in range(repeats + 1):
-        start = time.perf_counter()
+        start, work = time.perf_counter(), slowdown.start()
         forward_backward()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        slowdown.pace(start)
+        slowdown.pace(work)
         if i:
             times.append(time.perf_counter() - start)
     model.zero_grad(set_to_none=True)
