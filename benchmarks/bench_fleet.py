@@ -2,7 +2,13 @@
 killed under load.
 
 Two engines serve the ``small`` preset (random weights, byte tokenizer); one
-is deliberately slower (``--threads`` 1 against 2). For each strategy a
+is deliberately slower: 1 thread against 2 and, because on a 2-core machine
+one thread alone is not slower (README, serving threads), a step budget of
+128 tokens against 512, so that its prefills take 4 steps. Each engine's KV
+cache (``--kv-cache-tokens``) holds the running requests and about half of
+the groups' prefixes, as on a GPU where the cache is the scarce resource: a
+strategy that sends a group back where its prefix is cached gains, one that
+spreads every group over both engines thrashes. For each strategy a
 ``scaletrain router`` is started in front of them and the same kind of
 workload is sent: shared-prefix groups (a 512-character "system prompt" per
 group, fresh text for every strategy so that no engine's prefix cache helps
@@ -199,6 +205,8 @@ def main() -> None:
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
     parser.add_argument("--threads", default="2,1", help="torch threads of the two engines (the slow one last)")
+    parser.add_argument("--max-batch-tokens", default="512,128", help="step token budget of the two engines")
+    parser.add_argument("--kv-cache-tokens", type=int, default=5376, help="KV cache of each engine")
     parser.add_argument("--time-limit", type=float, default=180.0)
     parser.add_argument("--rounds", type=int, default=2, help="every strategy once per round (the spread "
                         "between rounds is the machine's noise)")
@@ -209,13 +217,19 @@ def main() -> None:
     try:
         ckpt, _ = prepare_model(None, work, export=False)
         threads = [int(t) for t in args.threads.split(",")]
-        engines = [Server(f"engine{i}-threads{t}", [sys.executable, "-m", "scaletrain", "serve", str(ckpt), "--port",
-                                                     str(port), "--threads", str(t), "--served-model-name", "fleet"],
-                          port, t, work) for i, (t, port) in enumerate((t, free_port()) for t in threads)]
+        budgets = [int(b) for b in args.max_batch_tokens.split(",")]
+        engines = []
+        for i, (t, budget) in enumerate(zip(threads, budgets)):
+            port = free_port()
+            engines.append(Server(f"engine{i}-threads{t}", [
+                sys.executable, "-m", "scaletrain", "serve", str(ckpt), "--port", str(port), "--threads", str(t),
+                "--max-batch-tokens", str(budget), "--kv-cache-tokens", str(args.kv_cache_tokens),
+                "--served-model-name", "fleet"], port, t, work))
         try:
             for round_ in range(1, args.rounds + 1) if "strategies" not in skip else ():
                 rows = strategies(args, engines, work, round_)
-                print(f"round {round_}: engines with threads {args.threads}; {args.requests} streamed requests per "
+                print(f"round {round_}: engines with threads {args.threads}, step budgets {args.max_batch_tokens}, "
+                      f"KV cache {args.kv_cache_tokens} tokens each; {args.requests} streamed requests per "
                       f"strategy, {args.groups} shared-prefix groups x 3 sessions, concurrency {args.concurrency}, "
                       f"max_tokens {args.max_tokens}\n")
                 print(format_table(rows) + "\n\n" + ratio_table(rows, threads) + "\n", flush=True)

@@ -189,21 +189,27 @@ def _run_http(opts: ServeOptions, loaded, engine, workers) -> int:
     return run_app(opts, build_app(state), banner, cleanup)
 
 
-def run_app(opts: ServeOptions, app, banner: str, cleanup) -> int:
-    """uvicorn on opts.host:port until SIGINT/SIGTERM (graceful for opts.grace_s), then ``cleanup()``."""
+def run_app(opts, app, banner: str | None, cleanup, main=None) -> int:
+    """uvicorn on opts.host:port until SIGINT/SIGTERM (graceful for opts.grace_s), then ``cleanup()``.
+    ``main(server)``: a coroutine that runs ``server.serve()`` with work of its own around it (the
+    fleet's probes and replicas); it may set ``server.failed`` for exit code 1."""
+    import asyncio
+
     import uvicorn
 
     config = uvicorn.Config(app, host=opts.host, port=opts.port, log_level="warning",
                             access_log=False, timeout_graceful_shutdown=opts.grace_s, lifespan="off")
     server = uvicorn.Server(config)
+    server.failed = False
     received: list[int] = []
     # uvicorn restores these handlers and re-raises the signal after its
     # graceful shutdown: record it instead of dying by it.
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda signum, frame: received.append(signum))
-    print(banner, flush=True)
+    if banner:
+        print(banner, flush=True)
     try:
-        server.run()
+        server.run() if main is None else asyncio.run(main(server))
     except SystemExit:  # uvicorn exits when it cannot bind
         pass
     finally:
@@ -211,4 +217,4 @@ def run_app(opts: ServeOptions, app, banner: str, cleanup) -> int:
     if not server.started:
         raise UserError(f"could not listen on {opts.host}:{opts.port} (in use?)")
     print(f"stopped{' by signal ' + str(received[0]) if received else ''}", flush=True)
-    return 0
+    return 1 if server.failed else 0

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import signal
 import sys
 import tempfile
 from dataclasses import dataclass, field
@@ -234,17 +233,9 @@ def run_router(backends: list[str], ropts: RouterOptions) -> int:
 
 
 def _serve_router(router: Router, ropts: RouterOptions, background, cleanup) -> int:
-    import uvicorn
+    from scaletrain.serve.server import run_app
 
-    config = uvicorn.Config(build_router_app(router), host=ropts.host, port=ropts.port, log_level="warning",
-                            access_log=False, timeout_graceful_shutdown=ropts.grace_s, lifespan="off")
-    server = uvicorn.Server(config)
-    server.failed = False
-    received: list[int] = []
-    for sig in (signal.SIGINT, signal.SIGTERM):  # see serve/server.py: recorded, not re-raised by uvicorn
-        signal.signal(sig, lambda signum, frame: received.append(signum))
-
-    async def main() -> None:
+    async def main(server) -> None:
         router.open()
         starter = asyncio.ensure_future(background(server))
         try:
@@ -256,13 +247,4 @@ def _serve_router(router: Router, ropts: RouterOptions, background, cleanup) -> 
                 task.cancel()
             await router.client.aclose()
 
-    try:
-        asyncio.run(main())
-    except SystemExit:  # uvicorn exits when it cannot bind
-        pass
-    finally:
-        cleanup()
-    if not server.started:
-        raise UserError(f"could not listen on {ropts.host}:{ropts.port} (in use?)")
-    print(f"stopped{' by signal ' + str(received[0]) if received else ''}", flush=True)
-    return 1 if server.failed else 0
+    return run_app(ropts, build_router_app(router), None, cleanup, main)

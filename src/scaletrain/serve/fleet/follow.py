@@ -53,7 +53,7 @@ class Follower:
 
 
 async def run_follower(follower: Follower, fleet, poll_s: float = 2.0) -> None:
-    """``fleet``: .active() replicas, .supervisor, .drain_s, .grace_s, .metrics."""
+    """``fleet``: .active() replicas, .model, .supervisor, .lock, .drain_s, .grace_s, .metrics."""
     while True:
         await asyncio.sleep(poll_s)
         new = await asyncio.to_thread(follower.newer_valid)  # hashing a large checkpoint takes a while
@@ -65,7 +65,7 @@ async def run_follower(follower: Follower, fleet, poll_s: float = 2.0) -> None:
         async with fleet.lock:  # no scaling while replicas roll
             rolled = await roll(fleet, str(old), str(new))
         if rolled:
-            follower.current = new
+            follower.current, fleet.model = new, str(new)  # replicas the autoscaler adds start on it too
             fleet.metrics.rolls.labels("done").inc()
             print(f"follow: serving {new.name}", file=sys.stderr, flush=True)
         else:
