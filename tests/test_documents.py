@@ -309,3 +309,17 @@ def test_bad_data_settings_are_refused_before_anything_is_written(tmp_path, caps
     code, _, err = run_main(capsys, args + [a for o in overrides for a in ("--set", o)])
     assert_one_line_error(code, err, needle)
     assert not (tmp_path / "run").exists()
+
+
+def test_a_text_file_larger_than_a_block_streams_as_paragraph_documents(tmp_path, monkeypatch):
+    from scaletrain.data import sources
+
+    paragraphs = [f"paragraph {i} " + "é" * (i % 13) for i in range(40)]
+    text = "\n\n".join(paragraphs)
+    (tmp_path / "big.txt").write_text(text)
+    whole = list(sources.read_documents(tmp_path / "big.txt", "text", "text"))
+    assert whole == [text]  # under the block size: one document, as always
+    monkeypatch.setattr(sources, "TEXT_BLOCK_BYTES", 64)
+    docs = list(sources.read_documents(tmp_path / "big.txt", "text", "text"))
+    assert len(docs) > 5 and "".join(docs) == text  # nothing lost, multi-byte characters intact
+    assert all(d.endswith("\n\n") for d in docs[:-1])

@@ -11,6 +11,7 @@ with ``messages``, a list of ``{"role", "content"}``) the list of messages.
 
 from __future__ import annotations
 
+import codecs
 import glob
 import json
 import sysconfig
@@ -21,6 +22,7 @@ from typing import Iterator
 from scaletrain.errors import UserError
 
 FORMAT_BY_SUFFIX = {".jsonl": "jsonl", ".json": "jsonl", ".parquet": "parquet", ".arrow": "arrow"}
+TEXT_BLOCK_BYTES = 64 << 20  # text files above this are streamed as blank-line-separated documents
 FORMATS = ("auto", "text", "jsonl", "parquet", "arrow", "chat")
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -122,17 +124,37 @@ def read_documents(path: Path, fmt: str, text_field: str, stats: ReadStats | Non
 
 
 def _read_text(path: Path, stats: ReadStats) -> Iterator[str]:
-    data = path.read_bytes()
-    if b"\0" in data[:8192]:
-        stats.binary_files.append(path)
-        return
-    text = data.decode("utf-8", errors="replace")
-    if replaced := text.count("\ufffd") - data.count("\ufffd".encode()):
+    """The file as one document; a file larger than TEXT_BLOCK_BYTES is
+    streamed instead, as documents cut at the last blank line of each block
+    (a huge text file is a concatenation of documents, and never in memory)."""
+    with path.open("rb") as fh:
+        if b"\0" in fh.read(8192):
+            stats.binary_files.append(path)
+            return
+        fh.seek(0)
+        decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
+        carry, replaced, yielded = "", 0, False
+        while block := fh.read(TEXT_BLOCK_BYTES):
+            decoded = decoder.decode(block, final=len(block) < TEXT_BLOCK_BYTES)
+            replaced += decoded.count("\ufffd") - block.count("\ufffd".encode())
+            text = carry + decoded
+            cut = text.rfind("\n\n") + 2 if len(block) == TEXT_BLOCK_BYTES else len(text)
+            if cut < 2 and len(text) < 4 * TEXT_BLOCK_BYTES:  # no blank line yet: read on (bounded)
+                carry = text
+                continue
+            cut = cut if cut >= 2 else len(text)
+            carry = text[cut:]
+            if text[:cut]:
+                yielded = True
+                yield text[:cut]
+        carry += decoder.decode(b"", final=True)
+        if carry:
+            yielded = True
+            yield carry
+    if replaced > 0:
         stats.replaced_chars += replaced
         stats.files_with_replacements += 1
-    if text:
-        yield text
-    else:
+    if not yielded:
         stats.empty_documents += 1
 
 
