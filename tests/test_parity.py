@@ -37,7 +37,7 @@ def test_gradient_accumulation_equals_one_big_step(tmp_path, debug_config, refer
     assert_parity(reference, result)
 
 
-@pytest.mark.parametrize("mode", ["full", "selective"])
+@pytest.mark.parametrize("mode", ["full", "selective", "selective_half"])
 def test_activation_checkpointing_does_not_change_training(tmp_path, debug_config, reference, mode):
     result = train_run(tmp_path / "run", debug_config, BASE + [f"training.activation_checkpointing={mode}"])
     assert_parity(reference, result)

@@ -173,3 +173,27 @@ def test_split_stage_keeps_what_the_planner_counts():
         for stage in rules.local_stage_ids(pp_rank, 2, 2, "interleaved_1f1b"):
             kept |= {n for n, _ in split_stage(model, stage, ranges[stage], 4).named_parameters()}
         assert kept == stage_param_names(m, lay, pp_rank)
+
+
+@pytest.mark.parametrize("mode", ["none", "selective", "selective_half", "full"])
+def test_recomputation_modes_keep_what_the_planner_counts(mode):
+    """Bytes left allocated per token after one checkpointed block's forward
+    (the profiler's allocation events, slope over two batch sizes): what
+    the mode keeps for backward, the block's output in place of its input."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from scaletrain.parallel.activation_checkpoint import apply_activation_checkpointing
+
+    def kept(batch: int) -> int:
+        layers = torch.nn.ModuleDict({"0": Block(SHAPE)})
+        apply_activation_checkpointing(layers, mode)
+        cos, sin = rope_tables(SHAPE.dim // SHAPE.n_heads, SHAPE.max_seq_len, 1e4)
+        x = torch.randn(batch, SHAPE.max_seq_len, SHAPE.dim, requires_grad=True)
+        with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+            out = layers["0"](x, cos, sin)
+        del out
+        return sum(e.nbytes() for e in prof.profiler.kineto_results.events() if e.name() == "[memory]")
+
+    per_token = (kept(2) - kept(1)) / SHAPE.max_seq_len
+    predicted = sum(saved_bytes_per_token(SHAPE, Layout(activation_checkpointing=mode), "fp32").values())
+    assert per_token == predicted

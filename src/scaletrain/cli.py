@@ -196,16 +196,26 @@ def plan(
     name: str = typer.Option("local-cpu", "--name", help="Hardware entry that --calibrate writes and --verify uses."),
     nproc: int = typer.Option(2, "--nproc", help="Workers per machine for --calibrate."),
     layouts: Optional[str] = typer.Option(None, "--layouts", help="--verify: comma-separated subset of layouts."),
+    micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Only layouts with this micro batch."),
+    explain: Optional[int] = typer.Option(None, "--explain", help="Print the arithmetic of the N-th layout."),
+    min_gpus: bool = typer.Option(False, "--min-gpus", help="How many GPUs of --gpu the job needs: a scaling "
+                                  "table over GPU counts up to --max-gpus."),
+    max_gpus: int = typer.Option(1024, "--max-gpus", help="--min-gpus: the largest count tried."),
+    references: bool = typer.Option(False, "--references", help="Published runs vs predictions, held-out error."),
 ) -> None:
     """Predict memory, communication and step time of every parallel layout; rank them."""
     from scaletrain.planner import cli as plan_cli
 
+    if references:
+        from scaletrain.planner.report import print_references
+
+        raise typer.Exit(print_references(as_json))
     if calibrate:
         raise typer.Exit(plan_cli.run_calibrate(name, nproc, hardware))
     if verify:
         raise typer.Exit(plan_cli.run_verify(name, hardware, layouts, as_json))
     raise typer.Exit(plan_cli.run_plan(model, gpus, gpu, gpus_per_node, seq_len, global_batch, dtype, config, top,
-                                       as_json, hardware))
+                                       as_json, hardware, micro_batch, explain, min_gpus, max_gpus))
 
 
 @app.command()

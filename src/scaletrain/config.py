@@ -121,7 +121,10 @@ class TrainingConfig:
     grad_clip: float = _f(1.0, "global gradient-norm clip; 0 = off", minimum=0.0)
     seed: int = _f(1234, "seed for weights and data order", minimum=0)
     dtype: str = _f("fp32", "compute dtype (autocast); parameters and optimizer stay fp32", ("fp32", "bf16", "fp16"))
-    activation_checkpointing: str = _f("none", "recompute activations in backward", ("none", "full", "selective"))
+    activation_checkpointing: str = _f("none", "recompute activations in backward: full = all but the block input; "
+                                               "selective = the pointwise ops and norms; selective_half = also every "
+                                               "other matmul (torchtitan's op policy)",
+                                       ("none", "full", "selective", "selective_half"))
     compile: bool = _f(False, "torch.compile each transformer block")
     on_nonfinite: str = _f("skip", "a step whose loss or gradient norm is NaN/inf (or a loss spike): 'skip' its "
                                    "update on every rank (stop after max_bad_steps in a row), 'rollback' to the "

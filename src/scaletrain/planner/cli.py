@@ -14,17 +14,22 @@ from scaletrain.parallel.rules import DTYPE_BYTES
 from scaletrain.planner.estimate import Estimate
 from scaletrain.planner.layout import Workload
 from scaletrain.planner.hardware import GIB, find_device, load_catalog, parse_cluster
+from scaletrain.planner import report
+from scaletrain.planner.estimate import explain as explain_lines
+from scaletrain.planner.references import held_out_error
+from scaletrain.planner.scaling import gpu_counts, prefer_simpler
 from scaletrain.planner.search import nearest_miss, resolve_model, search, train_overrides
 
 
 def run_plan(model_spec, gpus, gpu, gpus_per_node, seq_len, global_batch, dtype, config, top, as_json,
-             hardware) -> int:
+             hardware, micro_batch=None, explain=None, min_gpus=False, max_gpus=1024) -> int:
     if top < 1:
         raise UserError(f"--top = {top}; allowed: 1 or more")
     if dtype is not None and dtype not in DTYPE_BYTES:
         raise UserError(f"--dtype {dtype!r}; allowed: {', '.join(DTYPE_BYTES)}")
     for flag, value in (("--seq-len", seq_len), ("--global-batch", global_batch), ("--gpus", gpus),
-                        ("--gpus-per-node", gpus_per_node)):
+                        ("--gpus-per-node", gpus_per_node), ("--micro-batch", micro_batch), ("--explain", explain),
+                        ("--max-gpus", max_gpus)):
         if value is not None and value < 1:  # 0 must not silently mean "the default"
             raise UserError(f"{flag} = {value}; allowed: 1 or more")
     if model_spec is None and config is None:
@@ -42,22 +47,38 @@ def run_plan(model_spec, gpus, gpu, gpus_per_node, seq_len, global_batch, dtype,
     if w.seq_len > model.max_seq_len:
         raise UserError(f"--seq-len {w.seq_len} exceeds the model's context ({model.max_seq_len} positions: "
                         "model.max_seq_len); the trainer would refuse it")
-    estimates = search(w, cluster)
+    if micro_batch is not None and w.global_batch % micro_batch:
+        raise UserError(f"--micro-batch {micro_batch} does not divide --global-batch {w.global_batch} (the "
+                        "trainer needs global = micro x data-parallel ranks x accumulation)")
+    if min_gpus:
+        if cluster.mixed:
+            raise UserError("--min-gpus plans one kind of GPU; give --gpu NAME, not a mixed cluster")
+        return report.print_scaling(w, lambda n: parse_cluster(catalog, gpu, n, gpus_per_node),
+                                    gpu_counts(gpus_per_node, max_gpus), held_out_error(), as_json, micro_batch)
+    estimates = search(w, cluster, micro_batch=micro_batch)
     fitting = [e for e in estimates if e.fits]
+    choice = prefer_simpler(estimates, held_out_error())
+    if explain is not None:
+        if explain > len(estimates):
+            raise UserError(f"--explain {explain}: only {len(estimates)} layouts were evaluated")
+        print("\n".join(explain_lines(w, estimates[explain - 1], cluster)))
+        return 0
     if as_json:
         print(json.dumps({"model": model.__dict__, "cluster": {"gpus": cluster.gpus, "gpus_per_node":
                           cluster.gpus_per_node, "device": cluster.device.__dict__, "notes": cluster.notes()},
                           "workload": {"seq_len": w.seq_len, "global_batch": w.global_batch, "dtype": w.dtype},
                           "layouts": [e.as_dict() for e in estimates[:top]],
+                          "preferred": choice and {"layout": choice.preferred.as_dict(), "reason": choice.reason,
+                                                   "train_overrides": train_overrides(w, choice.preferred.layout)},
                           "fitting": len(fitting), "evaluated": len(estimates)}, indent=1, default=str))
     else:
-        _print_table(estimates[:top], w, cluster, len(fitting), len(estimates))
+        _print_table(estimates[:top], w, cluster, len(fitting), len(estimates), choice)
     if not fitting:
         raise UserError(nearest_miss(estimates, cluster))
     return 0
 
 
-def _print_table(estimates: list[Estimate], w: Workload, cluster, n_fit: int, n_all: int) -> None:
+def _print_table(estimates: list[Estimate], w: Workload, cluster, n_fit: int, n_all: int, choice) -> None:
     console = Console(width=200)
     from scaletrain.model import param_count
 
@@ -67,7 +88,7 @@ def _print_table(estimates: list[Estimate], w: Workload, cluster, n_fit: int, n_
     for note in cluster.notes():
         console.print(f"[yellow]note:[/] {note}")
     table = Table(show_lines=False)
-    for col in ("#", "layout", "mb", "AC", "params", "grads", "optim", "activ", "buffers", "other", "total GiB",
+    for col in ("#", "layout", "mb", "AC", "params", "grads", "held", "optim", "activ", "buffers", "other", "total GiB",
                 "intra GB", "inter GB", "bubble", "step s", "tokens/s", "MFU", "fits"):
         table.add_column(col, justify="left" if col in ("layout", "fits") else "right")
     for i, e in enumerate(estimates, 1):
@@ -77,16 +98,19 @@ def _print_table(estimates: list[Estimate], w: Workload, cluster, n_fit: int, n_
             by_link["intra" if c["link"].startswith("intra") else "inter"] += c["bytes"] / 1e9
         layout = e.layout.describe() + (" +offload" if e.layout.cpu_offload else "")
         table.add_row(str(i), layout, str(e.layout.micro_batch), e.layout.activation_checkpointing,
-                      *(f"{mem[k] / GIB:.1f}" for k in ("parameters", "gradients", "optimizer", "activations",
+                      *(f"{mem[k] / GIB:.1f}" for k in ("parameters", "gradients", "held_full_grads", "optimizer",
+                                                        "activations",
                                                         "comm_buffers", "overhead")),
                       f"{e.total_bytes / GIB:.1f}", f"{by_link['intra']:.1f}", f"{by_link['inter']:.1f}",
                       f"{e.bubble:.1%}", f"{e.step_time_s:.2f}", f"{e.tokens_per_s:,.0f}", f"{e.mfu:.1%}",
                       "yes" if e.fits else f"no: {e.why}")
     console.print(table)
-    if estimates and estimates[0].fits:
-        best = estimates[0]
-        console.print(f"best: {best.layout.describe()}; run it with: scaletrain train "
-                      + " ".join(f"--set {o}" for o in train_overrides(w, best.layout)))
+    if choice is not None:
+        best = choice.preferred
+        console.print(f"preferred: {best.layout.describe()}{' +offload' if best.layout.cpu_offload else ''}, "
+                      f"micro-batch {best.layout.micro_batch}, AC {best.layout.activation_checkpointing} "
+                      f"({best.tokens_per_s:,.0f} tokens/s): {choice.reason}")
+        console.print("run it with: scaletrain train " + " ".join(f"--set {o}" for o in train_overrides(w, best.layout)))
         comm = Table(title="communication per step of the best layout (one rank)")
         for col in ("collective", "group", "ranks", "calls", "GB", "link", "time s"):
             comm.add_column(col)
@@ -94,9 +118,10 @@ def _print_table(estimates: list[Estimate], w: Workload, cluster, n_fit: int, n_
             comm.add_row(c["kind"], c["group"], str(c["ranks"]), str(c["calls"]), f"{c['bytes'] / 1e9:.3f}", c["link"],
                          f"{c['time_s']:.4f}")
         console.print(comm)
-    console.print("memory = per-GPU peak (params/grads/optimizer states, activations of the microbatches in flight, "
-                  "FSDP unsharded buffers, CUDA/NCCL overhead); DP communication assumed overlapped with backward "
-                  "on GPUs, TP and PP not")
+    console.print("memory = per-GPU peak (params/grads/optimizer states, FSDP's held full gradient, activations of "
+                  "the microbatches in flight, FSDP unsharded buffers, CUDA/NCCL overhead); communication overlaps "
+                  "compute where the engine overlaps it (FSDP prefetch, DDP buckets), TP and PP exposed; "
+                  "--explain N shows one layout's arithmetic")
 
 
 def run_calibrate(name: str, nproc: int, hardware: Path | None) -> int:

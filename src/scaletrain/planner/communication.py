@@ -236,13 +236,20 @@ def _measured_collective_time(col: Collective, dev: Device) -> float:
         / bus_factor(measured_kind, n0)
 
 
-def _link(cluster: Cluster, layout: Layout, group: str) -> tuple[float, float]:
-    """(bytes/s, latency s) of the link a mesh dimension's groups span: a
-    group stays inside a node when (its stride x size) <= GPUs per node."""
+def _link(cluster: Cluster, layout: Layout, group: str) -> tuple[float, float, str]:
+    """(bytes/s, latency s, name) of the link a mesh dimension's groups span:
+    a group stays inside a node when (its stride x size) <= GPUs per node.
+    Across nodes, NCCL runs one ring (or tree) per NIC ("multi-rail"): with k
+    of a node's GPUs in the group, k rings cross the node boundary in
+    parallel, each through its GPU's own NIC, so the group's bus bandwidth is
+    k x the per-GPU inter-node link, at most the intra-node one. Assumption:
+    one NIC per GPU, as in DGX/HGX nodes (inter_gbps is per GPU)."""
     inner = {"tp": 1, "dp_shard": layout.tp, "dp_replicate": layout.tp * layout.dp_shard,
              "pp": layout.tp * layout.dp}
     size = {"tp": layout.tp, "dp_shard": layout.dp_shard, "dp_replicate": layout.dp_replicate, "pp": layout.pp}
     d = cluster.device
     if inner[group] * size[group] <= cluster.gpus_per_node:
         return d.intra_gbps * 1e9, d.intra_latency_us * 1e-6, f"intra-node ({d.intra})"
-    return d.inter_gbps * 1e9, d.inter_latency_us * 1e-6, f"inter-node ({d.inter})"
+    rails = max(1, min(size[group], cluster.gpus_per_node // inner[group]))
+    bandwidth = min(d.intra_gbps, rails * d.inter_gbps)
+    return bandwidth * 1e9, d.inter_latency_us * 1e-6, f"inter-node ({d.inter} x{rails})"

@@ -54,6 +54,11 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     if est.total_bytes > capacity:
         est.fits = False
         est.why = f"needs {est.total_bytes / GIB:.1f} GiB per GPU; {dev.memory_gib:g} GiB available"
+    offloaded = est.memory.get("offloaded_to_cpu", 0.0) * cluster.gpus_per_node
+    if dev.host_memory_gib and offloaded > dev.host_memory_gib * GIB:
+        est.fits = False
+        est.why = (f"CPU offload needs {offloaded / GIB:,.0f} GiB of host memory per node; "
+                   f"{dev.host_memory_gib:g} GiB available")
     if w.dtype == "bf16" and dev.bf16 == 0:
         est.fits, est.why = False, f"{dev.name} has no bf16; plan with --dtype fp16"
 
@@ -67,7 +72,7 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     compute_total = est.compute_s / (1 - est.bubble)
     colls = collectives(w, layout, worst_ranks(layout)[0], device_type)
     est.comm_time_s, est.exposed_comm_s, est.comm = exposed_communication(colls, cluster, layout, w, compute_total)
-    est.offload_s = offload_host_time(w, layout, dev)
+    est.offload_s = offload_host_time(w, layout, cluster)
     est.step_time_s = compute_total + sum(est.exposed_comm_s.values()) + est.offload_s
     est.tokens_per_s = w.global_batch * w.seq_len / est.step_time_s
     peak = dev.peak_flops(w.dtype)

@@ -76,6 +76,9 @@ class Device:
     # DDR4-3200 server's 409.6 GB/s peak, for torch's CPU AdamW).
     host_gbps: float = 32.0
     host_adam_gbps: float = 102.4
+    # CPU memory of one node, GiB, which CPU offload fills with every local
+    # rank's states (0 = not known: not checked).
+    host_memory_gib: float = 0.0
 
     def peak_flops(self, dtype: str) -> float:
         return getattr(self, dtype) * 1e12

@@ -58,9 +58,8 @@ class Layout:
 
     @property
     def dimensions(self) -> int:
-        """How many kinds of parallelism (and offload) it combines: the simplicity the search prefers."""
-        return sum((self.dp > 1, self.tp > 1, self.pp > 1, self.dp_replicate > 1 and self.dp_shard > 1,
-                    self.cpu_offload))
+        """How many kinds of parallelism it combines (HSDP's two data-parallel levels count twice)."""
+        return sum((self.dp > 1, self.tp > 1, self.pp > 1, self.dp_replicate > 1 and self.dp_shard > 1))
 
     def describe(self) -> str:
         parts = []

@@ -77,7 +77,8 @@ def saved_bytes_per_token(model: ModelConfig, layout: Layout, dtype: str) -> dic
 
     Full recompute keeps the block input; selective keeps it and the
     outputs of the matmuls and of SDPA (activation_checkpoint.py's policy),
-    the row-parallel outputs whole (partial sums before the all-reduce).
+    the row-parallel outputs whole (partial sums before the all-reduce);
+    selective_half keeps every other matmul output (q, v, gate, down).
     """
     h, a, f, t = model.dim, model.n_heads, model.ffn_dim, layout.tp
     kvd = model.n_kv_heads * (model.dim // model.n_heads)
@@ -89,6 +90,8 @@ def saved_bytes_per_token(model: ModelConfig, layout: Layout, dtype: str) -> dic
     if layout.activation_checkpointing == "selective":
         return {"block_input": block_input,
                 "matmul_outputs": (c * (2 * h + 2 * kvd + 2 * f) + 4 * a) / t + 2 * c * h}
+    if layout.activation_checkpointing == "selective_half":
+        return {"block_input": block_input, "matmul_outputs": (c * (2 * h + kvd + f) + 4 * a) / t + c * h}
     return {"norms_fp32": 2 * (8 * h + 4) / (t if sp else 1),
             "matmul_inputs": (2 if r == c else 5) * c * h,
             "attention": (c * (2 * h + 2 * kvd) + 4 * a) / t,

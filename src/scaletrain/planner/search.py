@@ -84,7 +84,7 @@ def _accepted(w: Workload, layout: Layout) -> bool:
     return m.n_heads % layout.tp == 0 and m.n_kv_heads % layout.tp == 0
 
 
-def candidates(w: Workload, cluster: Cluster, offload: bool = True) -> list[Layout]:
+def candidates(w: Workload, cluster: Cluster, offload: bool = True, micro_batch: int | None = None) -> list[Layout]:
     """Every layout the trainer accepts: tp inside a node, pp dividing the
     rest, the data-parallel ranks as DDP, ZeRO-1/2/3 or HSDP (sharded within
     a node's share, replicated across), power-of-two micro-batches, three
@@ -102,25 +102,30 @@ def candidates(w: Workload, cluster: Cluster, offload: bool = True) -> list[Layo
                 if w.global_batch % dp:
                     continue
                 per_rank = w.global_batch // dp
-                micro = [b for b in (1, 2, 4, 8, 16, 32) if per_rank % b == 0]
+                micro = [b for b in (1, 2, 4, 8, 16, 32) if per_rank % b == 0] if micro_batch is None else (
+                    [micro_batch] if per_rank % micro_batch == 0 else [])
                 for b in micro:
                     schedules = [("1f1b", 1, b)] if pp > 1 else [("1f1b", 1, 1)]
                     if pp > 1 and m.n_layers >= 2 * pp:
                         schedules.append(("interleaved_1f1b", 2, b))
                     for schedule, v, mb in schedules:
-                        for ac in ("none", "selective", "full"):
+                        for ac in ("none", "selective", "selective_half", "full"):
                             offloads = (False, True) if offload and stage == 3 else (False,)
+                            # FSDP under accumulation: hold the full gradient, or reduce-scatter each micro-step.
+                            accumulate = ("unsharded", "sharded") if (stage >= 2 and shard > 1 and pp == 1
+                                                                      and per_rank > b) else ("unsharded",)
                             for off in offloads:
-                                layout = Layout(rep, shard, stage, tp, pp, schedule, v, mb if pp > 1 else 1, b, ac,
-                                                tp > 1, off)
-                                if _accepted(w, layout):
-                                    out.append(layout)
+                                for acc in accumulate:
+                                    layout = Layout(rep, shard, stage, tp, pp, schedule, v, mb if pp > 1 else 1, b,
+                                                    ac, tp > 1, off, acc)
+                                    if _accepted(w, layout):
+                                        out.append(layout)
     return out
 
 
-def search(w: Workload, cluster: Cluster, device_type: str = "cuda") -> list[Estimate]:
+def search(w: Workload, cluster: Cluster, device_type: str = "cuda", micro_batch: int | None = None) -> list[Estimate]:
     """All candidates, estimated; fitting ones first, fastest first."""
-    estimates = [estimate(w, layout, cluster, device_type) for layout in candidates(w, cluster)]
+    estimates = [estimate(w, layout, cluster, device_type) for layout in candidates(w, cluster, micro_batch=micro_batch)]
     # Fastest first; within 0.1% of each other, the one with more memory to spare.
     return sorted(estimates, key=lambda e: (not e.fits, -round(e.tokens_per_s, -int(f"{e.tokens_per_s:e}"[-3:]) + 3)
                                             if e.fits else 0, e.total_bytes))
@@ -148,11 +153,16 @@ def train_overrides(w: Workload, layout: Layout) -> list[str]:
     out = layout.config_overrides() + [
         f"training.micro_batch_size={layout.micro_batch}", f"training.global_batch_size={w.global_batch}",
         f"data.seq_len={w.seq_len}", f"training.dtype={w.dtype}",
-        f"parallel.cpu_offload={str(layout.cpu_offload).lower()}", f"model.name={w.model.name}"]
-    preset = MODEL_PRESETS.get(w.model.name, {})
+        f"parallel.cpu_offload={str(layout.cpu_offload).lower()}"]
+    # A model that is no preset (a HF config.json, a custom shape) starts from
+    # one and sets every shape key: the trainer accepts preset names only.
+    name = w.model.name if w.model.name in MODEL_PRESETS else next(iter(MODEL_PRESETS))
+    out.append(f"model.name={name}")
+    preset = MODEL_PRESETS[name] if w.model.name in MODEL_PRESETS else {}
     for f in dataclasses.fields(ModelConfig):
         value = getattr(w.model, f.name)
-        if f.name != "name" and preset.get(f.name, value) != value and not (f.name == "vocab_size" and
-                                                                             preset.get(f.name) == 0):
+        # A preset's vocabulary of 0 comes from the tokenizer: left to the trainer.
+        same = preset and (preset.get(f.name, value) == value or (f.name == "vocab_size" and preset.get(f.name) == 0))
+        if f.name != "name" and not same:
             out.append(f"model.{f.name}={str(value).lower() if isinstance(value, bool) else value}")
     return out

@@ -27,7 +27,9 @@ from __future__ import annotations
 
 import functools
 
+from scaletrain.config import ModelConfig
 from scaletrain.model.counts import matmul_param_count
+from scaletrain.parallel import rules
 from scaletrain.planner.communication import DDP_BUCKET_BYTES, Collective, _interp, collective_time
 from scaletrain.planner.hardware import Cluster, Device
 from scaletrain.planner.layout import Layout, Workload, accum, fsdp_units, stage_layers, stage_param_names
@@ -47,18 +49,32 @@ def _rank_parts(w: Workload, layout: Layout, dev: Device, pp_rank: int) -> dict[
     names = stage_param_names(m, layout, pp_rank)
     has_head = names is None or "lm_head.weight" in names
     tokens_rank = w.global_batch * w.seq_len / layout.dp  # tokens through this rank's stages per step
-    recompute = 4 / 3 if layout.activation_checkpointing == "full" else 1.0  # one more forward (2 of 6)
+    recompute = recompute_factor(m, layout.activation_checkpointing)
     if dev.matmul_curve:
         gemm_s = _gemm_time_by_shape(w, layout, dev, layers, has_head) * recompute
     else:
         # 6 FLOPs per matmul parameter per token (Kaplan et al. 2020), at
         # peak x matmul_efficiency.
         block = (matmul_param_count(m) - m.vocab_size * m.dim) / m.n_layers
-        params = (block * layers + (m.vocab_size * m.dim if has_head else 0)) / layout.tp
-        gemm_s = 6 * params * tokens_rank * recompute / dev.achieved_flops(w.dtype)
+        params = (block * layers * recompute + (m.vocab_size * m.dim if has_head else 0)) / layout.tp
+        gemm_s = 6 * params * tokens_rank / dev.achieved_flops(w.dtype)
     return {"gemm": gemm_s, "attention": attention_time(w, layout, dev) * tokens_rank * layers,
             **memory_bound_time(w, layout, dev, layers, tokens_rank),
             "dispatch": dispatch_time(w, layout, dev, layers)}
+
+
+def recompute_factor(m: ModelConfig, mode: str) -> float:
+    """Matmul FLOPs with recomputation over those without: full runs the
+    forward again (2 of 6 FLOPs per parameter: 4/3); selective_half reruns
+    the k, o and up projections of each block (2 FLOPs per parameter of
+    theirs); selective reruns no matmul."""
+    if mode == "full":
+        return 4 / 3
+    if mode == "selective_half":
+        h, kvd = m.dim, m.n_kv_heads * (m.dim // m.n_heads)
+        block = rules.block_cost(m)
+        return 1 + 2 * (h * kvd + h * h + h * m.ffn_dim) / (6 * block)
+    return 1.0
 
 
 def attention_time(w: Workload, layout: Layout, dev: Device) -> float:
@@ -190,10 +206,12 @@ def exposed_communication(colls: list[Collective], cluster: Cluster, layout: Lay
     return times, {"dp": exposed_dp, "tp": times["tp"], "pp": times["pp"]}, rows
 
 
-def offload_host_time(w: Workload, layout: Layout, dev: Device) -> float:
+def offload_host_time(w: Workload, layout: Layout, cluster: Cluster) -> float:
     """AdamW on the host over the offloaded states (FSDP2's CPUOffloadPolicy):
-    the same 1.75 x optimizer-state bytes, at host_adam_gbps."""
+    the same 1.75 x optimizer-state bytes, at host_adam_gbps shared by the
+    node's GPUs (one host's memory bandwidth serves all of their processes)."""
     if not layout.cpu_offload:
         return 0.0
     states = model_state_bytes(w.model, layout, worst_ranks(layout)[0])
-    return states["optimizer_bytes"] * 1.75 / (dev.host_adam_gbps * 1e9)
+    per_process = cluster.device.host_adam_gbps / cluster.gpus_per_node
+    return states["optimizer_bytes"] * 1.75 / (per_process * 1e9)
