@@ -104,7 +104,10 @@ def strategies(args, engines: list[Server], work: Path, round_: int) -> list[dic
             row = asyncio.run(run_load(f"{rt.url}/v1", "fleet", items, args.concurrency, args.max_tokens,
                                        args.time_limit))
             sent = router_counts(rt.url, "requests_total")
-            rows.append({"server": strategy, **row, "share": [sent.get(u, 0) / max(1, sum(sent.values())) for u in urls]})
+            ttft_s = router_counts(rt.url, "time_to_first_token_seconds_sum")
+            ttft_n = router_counts(rt.url, "time_to_first_token_seconds_count")
+            rows.append({"server": strategy, **row, "share": [sent.get(u, 0) / max(1, sum(sent.values())) for u in urls],
+                         "engine_ttft_ms": [1e3 * ttft_s.get(u, 0) / max(1, ttft_n.get(u, 0)) for u in urls]})
         finally:
             rt.stop()
     return rows
@@ -188,13 +191,14 @@ def kill_experiment(args, ckpt: Path, work: Path) -> list[str]:
 def ratio_table(rows: list[dict], threads: list[int]) -> str:
     base = rows[0]
     shares = " / ".join(f"threads-{t}" for t in threads)
-    lines = [f"| strategy | req/s | x RR | TTFT p50 ms | x RR | TTFT p99 ms | x RR | requests to {shares} |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [f"| strategy | req/s | x RR | TTFT p50 ms | x RR | TTFT p99 ms | x RR | requests to {shares} "
+             f"| mean TTFT ms at {shares} |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['server']} | {r['request_throughput']:.2f} | {r['request_throughput'] / base['request_throughput']:.2f} "
                      f"| {r['ttft_ms_p50']:.0f} | {r['ttft_ms_p50'] / base['ttft_ms_p50']:.2f} "
                      f"| {r['ttft_ms_p99']:.0f} | {r['ttft_ms_p99'] / base['ttft_ms_p99']:.2f} "
-                     f"| {' / '.join(f'{x:.0%}' for x in r['share'])} |")
+                     f"| {' / '.join(f'{x:.0%}' for x in r['share'])} "
+                     f"| {' / '.join(f'{x:.0f}' for x in r['engine_ttft_ms'])} |")
     return "\n".join(lines)
 
 

@@ -108,6 +108,7 @@ def test_follow_rolls_replicas_while_a_client_keeps_asking(follow_fleet, run_dir
     after = complete(url, max_tokens=8).json()["choices"][0]["text"]
     assert after == expected_greedy(checkpoints / "step_00000008", "def f", 8) != before
     assert follow_fleet.metric("rolls_total", result="done") == 1
+    assert follow_fleet.metric("served_step") == 8 + 8  # the gauge of each of the two replicas
     assert "not serving step_00000012 yet" in follow_fleet.output()
 
 

@@ -223,3 +223,22 @@ def test_router_option_checks():
     with pytest.raises(UserError, match="--weights"):
         check_router_options(RouterOptions(weights="3,-1"))
     assert json.dumps(RouterOptions().__dict__)  # plain data
+
+
+def test_router_api_key_and_no_backend_answers():
+    from fastapi.testclient import TestClient
+
+    from scaletrain.serve.fleet.fleet import RouterOptions, make_router
+    from scaletrain.serve.fleet.router import build_router_app
+
+    router = make_router(RouterOptions(api_key="sekret"), None)
+    router.open()
+    client = TestClient(build_router_app(router))
+    assert client.get("/health").status_code == 503  # no key needed; no backend yet
+    denied = client.get("/v1/models")
+    assert denied.status_code == 401 and denied.json()["error"]["code"] == "invalid_api_key"
+    assert client.get("/metrics").status_code == 401
+    auth = {"Authorization": "Bearer sekret"}
+    unavailable = client.post("/v1/completions", json={"model": "m", "prompt": "x"}, headers=auth)
+    assert unavailable.status_code == 503 and unavailable.headers["retry-after"] == "1"
+    assert 'scaletrain:router_no_backend_total 1.0' in client.get("/metrics", headers=auth).text

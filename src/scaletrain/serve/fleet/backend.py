@@ -13,9 +13,18 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 
 CLOSED, OPEN, HALF_OPEN = "closed", "open", "half_open"
 STATE_CODES = {CLOSED: 0, HALF_OPEN: 1, OPEN: 2}  # the value of the breaker-state gauge
+
+
+def step_of(root: str | None) -> int | None:
+    """12 for .../step_00000012 (a checkpoint directory), else None."""
+    from scaletrain.checkpoint.manifest import STEP_DIR
+
+    match = STEP_DIR.match(Path(root).name) if root else None
+    return int(match.group(1)) if match else None
 
 
 @dataclass
@@ -77,6 +86,11 @@ class Backend:
     @property
     def name(self) -> str:
         return self.url
+
+    def served_step(self) -> int | None:
+        """The training step of the newest checkpoint this backend serves (from the `root` of its models)."""
+        steps = [step_of(m.get("root")) for m in self.served.values()]
+        return max((s for s in steps if s is not None), default=None)
 
     def usable(self) -> bool:
         return self.ready and not self.draining and self.breaker.available()

@@ -65,6 +65,8 @@ class RouterMetrics:
             self.in_flight.labels(b.name).set(b.in_flight)
             code = -2 if b.draining else (-1 if not b.ready else STATE_CODES[b.breaker.state])
             self.state.labels(b.name).set(code)
+            if b.served_step() is not None:
+                self.served_step.labels(b.name).set(b.served_step())
         self.replicas.labels("total").set(len(backends))
         self.replicas.labels("healthy").set(sum(b.usable() for b in backends))
         self.replicas.labels("draining").set(sum(b.draining for b in backends))

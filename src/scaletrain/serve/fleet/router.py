@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
 import httpx
@@ -20,7 +19,7 @@ from fastapi.responses import JSONResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from scaletrain.serve.fleet import proxy
-from scaletrain.serve.fleet.backend import Backend
+from scaletrain.serve.fleet.backend import Backend, step_of
 from scaletrain.serve.fleet.cache import ResponseCache
 from scaletrain.serve.fleet.metrics import RouterMetrics
 from scaletrain.serve.fleet.pool import Pool
@@ -117,13 +116,6 @@ class Router:
         for out in merged.values():
             out["step"] = out["served_steps"][-1] if out["served_steps"] else None
         return list(merged.values())
-
-
-def step_of(root: str | None) -> int | None:
-    from scaletrain.checkpoint.manifest import STEP_DIR
-
-    match = STEP_DIR.match(Path(root).name) if root else None
-    return int(match.group(1)) if match else None
 
 
 def build_router_app(router: Router) -> FastAPI:
