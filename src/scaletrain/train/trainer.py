@@ -12,7 +12,6 @@ from __future__ import annotations
 import contextlib
 import math
 import os
-import signal
 import sys
 import time
 from pathlib import Path
@@ -35,7 +34,8 @@ from scaletrain.observe.recorder import Recorder, build_recorder, read_records, 
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
 from scaletrain.parallel.runtime import Runtime, bind_training_thread
 from scaletrain.train import report
-from scaletrain.train.checks import build_sampler, check_data, grad_accum_steps, prepare_data, resolve_vocab, wait_for_data
+from scaletrain.train.checks import grad_accum_steps
+from scaletrain.train.data import load_data
 from scaletrain.train.display import ProgressDisplay
 from scaletrain.train.evaluate import validation_loss
 from scaletrain.train.health import APPLY, StepGuard, act_on_verdict, apply_recoveries
@@ -44,6 +44,7 @@ from scaletrain.train.metrics import device_peak_flops, mem_peak_bytes, memory_l
 from scaletrain.train.optim import build_scheduler
 from scaletrain.train.precision import negotiate_precision
 from scaletrain.train.rank_batch import Slowdown, trainer_rank_rows
+from scaletrain.train.stop import StopRequest, agree_to_stop
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
 
@@ -62,23 +63,16 @@ class Trainer:
             dp_rank = (self.mesh["dp_replicate"].get_local_rank() * self.dims.dp_shard
                        + self.mesh["dp_shard"].get_local_rank())
 
-        # One process per node tokenizes; the others wait and then open the cache.
-        if runtime.local_rank == 0:
-            self.corpus, val_corpus = prepare_data(cfg, show_progress=show_progress and runtime.is_main)
-        wait_for_data(runtime, cfg.data.cache_timeout)
-        if runtime.local_rank != 0:
-            self.corpus, val_corpus = prepare_data(cfg, show_progress=False)
-        self.cfg = cfg = resolve_vocab(cfg, self.corpus.tokenizer.vocab_size)
-        self.rows, self.val_rows = check_data(cfg, self.corpus, val_corpus)
+        data = load_data(cfg, runtime, dp_rank, self.dims.dp_size, show_progress)
+        self.cfg = cfg = data.cfg
+        self.corpus, self.rows, self.val_rows, self.sampler = data.corpus, data.rows, data.val_rows, data.sampler
         if runtime.is_main and not (run_dir / "config.toml").exists():  # started by an external torchrun
             (run_dir / "config.toml").write_text(cfg.to_toml())
         self.dp_rank = dp_rank
-        self.sampler = build_sampler(cfg, self.rows, dp_rank, self.dims.dp_size)
         # Documents (or chat masks) make token counts vary: the loss is then a
         # sum over tokens divided by the global batch's count (set each step),
         # times dp_size because data parallelism averages gradients.
-        self.token_normalized = (cfg.data.packing != "stream" or cfg.data.batching != "fixed"
-                                 or self.corpus.has_loss_mask)
+        self.token_normalized = data.token_normalized
         self.loss_divisor: float | None = None
         self.val_history: list[tuple[int, float]] = []  # (step, val_loss)
 
@@ -89,7 +83,7 @@ class Trainer:
         model.to(runtime.device)
         self.slowdown = Slowdown(cfg.debug.slowdown, runtime.rank)
         if (rank_rows := trainer_rank_rows(self, model)) is not None:  # parallel.rank_batch
-            self.sampler.set_rank_rows(rank_rows)
+            self.sampler.set_rank_rows(*rank_rows)
             self.token_normalized = True  # rows differ per rank: each token weighs 1 / the global count
         self.model: ParallelModel = parallelize(model, self.dims, self.mesh, cfg, runtime.device, self.loss_fn)
         self.optimizer = build_optimizer(self.model, cfg)
@@ -212,7 +206,7 @@ class Trainer:
                         loss_sum += _local(torch.stack([_local(l.detach()) for l in losses]).sum())
                     continue
                 # Gradients are reduced once, on the last micro-step.
-                with self.model.gradient_sync(micro == self.accum - 1):
+                with self.model.gradient_sync(micro == len(step.micro) - 1):  # [[gpu_groups]]: per rank
                     with self.timer.phase("forward_s"):
                         self.faults.oom(self.step + 1, len(rows))
                         loss = self.loss_fn(self.model(batch.inputs, **batch.model_kwargs()), batch.targets)
@@ -316,7 +310,7 @@ class Trainer:
         display = ProgressDisplay(cfg.training.steps, enabled=show_progress and main,
                                   line_every=max(cfg.logging.interval, cfg.training.steps // 10))
         records, start = [], time.perf_counter()
-        stop = _StopRequest()
+        stop = StopRequest()
         last_step = self.faults.last_step(cfg.training.steps)
         try:
             while self.step < last_step:
@@ -333,7 +327,7 @@ class Trainer:
                     self._log(record, recorder)
                 display.update(self.step, record)
                 self._phase("stop_check", self.step)
-                if self._agree_to_stop(stop.requested or self.step == cfg.debug.stop_at_step):
+                if agree_to_stop(self.runtime, stop.requested or self.step == cfg.debug.stop_at_step):
                     break
                 if self.checkpoints and self.schedule.due(self.step, cfg.training.steps):
                     self._phase("checkpoint", self.step)
@@ -426,34 +420,6 @@ class Trainer:
         out = [None] * self.runtime.world_size
         dist.all_gather_object(out, value)
         return out
-
-    def _agree_to_stop(self, local: bool) -> bool:
-        """A signal may reach the ranks at different steps: stop when any rank saw one."""
-        if not self.runtime.distributed:
-            return local
-        flag = torch.tensor([1 if local else 0], dtype=torch.int32, device=self.runtime.device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        return bool(flag.item())
-
-
-class _StopRequest:
-    """Turns SIGTERM / SIGINT into a flag the loop checks after each step."""
-
-    def __init__(self):
-        self.requested = False
-        self.previous = {}
-        for sig in (signal.SIGTERM, signal.SIGINT):
-            try:
-                self.previous[sig] = signal.signal(sig, self._handle)
-            except ValueError:  # not the main thread: leave signals alone
-                pass
-
-    def _handle(self, signum, frame) -> None:
-        self.requested = True
-
-    def restore(self) -> None:
-        for sig, handler in self.previous.items():
-            signal.signal(sig, handler)
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
