@@ -323,3 +323,20 @@ def test_a_text_file_larger_than_a_block_streams_as_paragraph_documents(tmp_path
     docs = list(sources.read_documents(tmp_path / "big.txt", "text", "text"))
     assert len(docs) > 5 and "".join(docs) == text  # nothing lost, multi-byte characters intact
     assert all(d.endswith("\n\n") for d in docs[:-1])
+
+
+def test_ranks_waiting_for_the_cache_builder_give_up_with_a_clear_error():
+    from datetime import timedelta
+    from types import SimpleNamespace
+
+    from torch.distributed import TCPStore
+
+    from scaletrain.train.checks import wait_for_data
+
+    store = TCPStore("127.0.0.1", 0, is_master=True, timeout=timedelta(seconds=5))
+    waiting = SimpleNamespace(distributed=True, local_rank=1)
+    with pytest.raises(RuntimeError, match="local rank 0 did not finish building the token cache within "
+                                           "data.cache_timeout = 0.3 s"):
+        wait_for_data(waiting, 0.3, store)
+    wait_for_data(SimpleNamespace(distributed=True, local_rank=0), 0.3, store)  # the builder says it is done
+    wait_for_data(waiting, 0.3, store)  # and then nobody waits

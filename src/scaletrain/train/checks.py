@@ -44,7 +44,7 @@ def prepare_data(cfg: Config, show_progress: bool = True) -> tuple[TokenCorpus, 
     return corpus, val
 
 
-def wait_for_data(runtime, timeout_s: float) -> None:
+def wait_for_data(runtime, timeout_s: float, store=None) -> None:
     """Local rank 0 has built the token cache (or found it): it says so in the
     store, under this node's name; its node's other ranks wait, at most
     data.cache_timeout. (A builder that dies ends the job through its agent.)"""
@@ -55,7 +55,7 @@ def wait_for_data(runtime, timeout_s: float) -> None:
 
     import torch.distributed as dist
 
-    store = dist.distributed_c10d._get_default_store()
+    store = store or dist.distributed_c10d._get_default_store()
     key = f"scaletrain/data_ready/{os.environ.get('GROUP_RANK', '0')}"
     if runtime.local_rank == 0:
         store.set(key, "1")
