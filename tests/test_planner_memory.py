@@ -197,3 +197,26 @@ def test_recomputation_modes_keep_what_the_planner_counts(mode):
     per_token = (kept(2) - kept(1)) / SHAPE.max_seq_len
     predicted = sum(saved_bytes_per_token(SHAPE, Layout(activation_checkpointing=mode), "fp32").values())
     assert per_token == predicted
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_loss_peak_is_three_fp32_vocabulary_rows_per_token(dtype):
+    """cross_entropy_loss's allocation peak (log-softmax's backward) beyond
+    the logits' inputs: 12 bytes per token and vocabulary entry, which
+    activation_bytes charges as the output layer's loss term."""
+    from torch.profiler import ProfilerActivity, profile
+
+    from scaletrain.model import cross_entropy_loss
+
+    T, V, h = 128, 2048, 32
+    x = torch.randn(T, h, dtype=dtype, requires_grad=True)
+    w = torch.randn(V, h, dtype=dtype, requires_grad=True)
+    targets = torch.randint(0, V, (1, T))
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        cross_entropy_loss((x @ w.t()).view(1, T, V), targets).backward()
+    running = peak = 0
+    for e in sorted(prof.profiler.kineto_results.events(), key=lambda e: e.start_ns()):
+        if e.name() == "[memory]" and abs(e.nbytes()) >= T * V:  # the vocabulary-sized buffers
+            running += e.nbytes()
+            peak = max(peak, running)
+    assert peak == 12 * T * V

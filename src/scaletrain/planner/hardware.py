@@ -79,6 +79,9 @@ class Device:
     # CPU memory of one node, GiB, which CPU offload fills with every local
     # rank's states (0 = not known: not checked).
     host_memory_gib: float = 0.0
+    # What PyTorch's caching allocator reserves beyond the peak of live
+    # tensors, as a fraction of it (fitted on references.toml's memory rows).
+    allocator_fragmentation: float = 0.0
 
     def peak_flops(self, dtype: str) -> float:
         return getattr(self, dtype) * 1e12

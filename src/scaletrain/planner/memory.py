@@ -117,11 +117,12 @@ def activation_bytes(w: Workload, layout: Layout, c: Coord) -> dict[str, float]:
         out["recompute"] = sum(saved_bytes_per_token(m, plain, w.dtype).values()) * tokens
     names = stage_param_names(m, layout, c.pp)
     if names is None or "lm_head.weight" in names:
-        # final norm (8h + 4) and the head's input (ch); the loss: fp32
-        # log-softmax output, its gradient and the logits' fp32 gradient
-        # (3 x 4V), plus the 16-bit logits themselves when they are not fp32.
-        out["output_layer"] = tokens * (8 * m.dim + 4 + comp * m.dim
-                                        + (12 + (comp if comp != 4 else 0)) * m.vocab_size / layout.tp)
+        # final norm (8h + 4) and the head's input (ch); the loss at its
+        # peak, in log-softmax's backward: its fp32 output, the incoming
+        # gradient and the outgoing one, 3 x 4V (the 16-bit logits and their
+        # fp32 copy are gone by then: allocation events of cross_entropy_loss,
+        # tests/test_planner_memory.py).
+        out["output_layer"] = tokens * (8 * m.dim + 4 + comp * m.dim + 12 * m.vocab_size / layout.tp)
     if casts_weights:
         # autocast's cast of every matmul weight (all but the embedding and
         # the norms), saved for backward: alive from forward to backward.
@@ -203,7 +204,12 @@ def memory_of_rank(w: Workload, layout: Layout, c: Coord, device: Device, device
     base = mem["parameters"] + mem["optimizer"] + mem["overhead"] + unsharded_params + held
     backward_start = base + persistent_grads + mem["activations"]
     backward_end = base + mem["gradients"] + unsharded_grads
-    mem["peak"] = max(backward_start, backward_end)
+    allocated = max(backward_start, backward_end) - mem["overhead"]
+    # The caching allocator holds more than the live tensors (blocks split
+    # by differently sized requests): Device.allocator_fragmentation of the
+    # peak, fitted on published max-reserved readings (references.toml).
+    mem["allocator_reserve"] = allocated * device.allocator_fragmentation if device_type == "cuda" else 0.0
+    mem["peak"] = allocated + mem["allocator_reserve"] + mem["overhead"]
     return mem
 
 

@@ -2,11 +2,14 @@
 predictions set against them, and the fit of the per-device efficiency
 parameters on the entries marked ``fit`` (the rest are held out).
 
-Honesty rules: no constant per entry; one efficiency parameter per device
-(``matmul_efficiency``, which attention shares unless a device sets its
-own), fitted by a grid search on the fit entries only, minimizing the
-squared log error of tokens/s per GPU; the held-out entries report how far
-that carries.
+Honesty rules: no constant per entry; two parameters per device, each
+fitted by a grid search on the fit entries only: ``matmul_efficiency``
+(which attention shares unless a device sets its own) minimizing the
+squared log error of tokens/s per GPU, and ``allocator_fragmentation``
+minimizing that of peak memory; the held-out entries report how far that
+carries. Published memory is PyTorch's max reserved (torchtitan logs it),
+which holds no CUDA context or NCCL buffers: it is compared with the
+prediction less ``overhead_gib``.
 """
 
 from __future__ import annotations
@@ -28,6 +31,7 @@ REFERENCES = Path(__file__).with_name("references.toml")
 LAYOUT_KEYS = ("dp_replicate", "dp_shard", "zero_stage", "tp", "pp", "pp_schedule", "virtual_stages",
                "pp_microbatches", "micro_batch", "activation_checkpointing", "sequence_parallel", "cpu_offload")
 EFFICIENCY_GRID = [round(0.20 + 0.005 * i, 3) for i in range(141)]  # 0.20 .. 0.90
+FRAGMENTATION_GRID = [round(0.01 * i, 2) for i in range(31)]  # 0 .. 0.30
 
 
 @dataclass(frozen=True)
@@ -61,26 +65,32 @@ def predict(run: Run, device: Device) -> tuple[float, float]:
     """(tokens/s per GPU, peak GiB per GPU) the planner predicts for a run."""
     cluster = Cluster(((device, run.gpus),), min(run.gpus_per_node, run.gpus))
     est = estimate(run.workload, run.layout, cluster)
-    return est.tokens_per_s / run.gpus, est.total_bytes / GIB
+    return est.tokens_per_s / run.gpus, (est.total_bytes - est.memory["overhead"]) / GIB
 
 
-def fit_efficiency(runs: list[Run], device: Device) -> float:
-    """The matmul_efficiency (on the grid) minimizing the squared log error
-    of tokens/s per GPU over ``runs``."""
-    def loss(eff: float) -> float:
-        dev = dataclasses.replace(device, matmul_efficiency=eff)
-        return sum(math.log(predict(r, dev)[0] / r.tokens_per_s_per_gpu) ** 2 for r in runs)
+def fit_parameter(runs: list[Run], device: Device, name: str, grid: list[float], index: int) -> float:
+    """The value of Device.``name`` on ``grid`` minimizing the squared log
+    error of prediction ``index`` (0 tokens/s per GPU, 1 memory) over ``runs``."""
+    def loss(value: float) -> float:
+        dev = dataclasses.replace(device, **{name: value})
+        published = ("tokens_per_s_per_gpu", "memory_gib")[index]
+        return sum(math.log(predict(r, dev)[index] / getattr(r, published)) ** 2 for r in runs)
 
-    return min(EFFICIENCY_GRID, key=loss)
+    return min(grid, key=loss)
 
 
-def fitted(catalog: dict[str, Device] | None = None) -> dict[str, float]:
-    """Per device with fit entries: the efficiency the fit finds."""
+def fitted(catalog: dict[str, Device] | None = None) -> dict[str, dict[str, float]]:
+    """Per device with fit entries: the parameters the fit finds."""
     catalog = catalog or load_catalog()
     runs, _ = load_references()
     out = {}
     for gpu in sorted({r.gpu for r in runs if r.fit}):
-        out[gpu] = fit_efficiency([r for r in runs if r.fit and r.gpu == gpu], catalog[gpu])
+        mine = [r for r in runs if r.fit and r.gpu == gpu]
+        out[gpu] = {"matmul_efficiency": fit_parameter(mine, catalog[gpu], "matmul_efficiency", EFFICIENCY_GRID, 0)}
+        with_memory = [r for r in mine if r.memory_gib]
+        if with_memory:
+            out[gpu]["allocator_fragmentation"] = fit_parameter(with_memory, catalog[gpu], "allocator_fragmentation",
+                                                                FRAGMENTATION_GRID, 1)
     return out
 
 

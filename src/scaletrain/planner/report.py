@@ -24,8 +24,8 @@ def print_references(as_json: bool) -> int:
     summary = {"held_out_max_throughput_error": max(abs(r["throughput_error"]) for r in held),
                "held_out_mean_throughput_error": sum(abs(r["throughput_error"]) for r in held) / len(held),
                "max_memory_error": max(abs(r["memory_error"]) for r in rows if r["memory_error"] is not None),
-               "fitted_matmul_efficiency": fit,
-               "catalog_matmul_efficiency": {g: catalog[g].matmul_efficiency for g in fit}}
+               "fitted": fit,
+               "catalog": {g: {k: getattr(catalog[g], k) for k in fit[g]} for g in fit}}
     if as_json:
         print(json.dumps({"runs": rows, "zero_model_states": zrows, "summary": summary}, indent=1))
         return 0
@@ -33,7 +33,7 @@ def print_references(as_json: bool) -> int:
     table = Table(title="published runs (references.toml) vs scaletrain plan; 'fit' rows set the device's "
                         "matmul_efficiency, 'held out' rows test it")
     for col in ("run", "set", "gpu", "gpus", "layout", "mb", "AC", "seq", "published tok/s/GPU", "predicted",
-                "error", "published GiB", "predicted GiB", "error "):
+                "error", "published GiB (max reserved)", "predicted GiB", "error "):
         table.add_column(col, justify="left" if col in ("run", "set", "gpu", "layout", "AC") else "right")
     for r in rows:
         mem = r["published_memory_gib"]
@@ -51,7 +51,7 @@ def print_references(as_json: bool) -> int:
     console.print(zt)
     console.print(f"held-out throughput error: max {summary['held_out_max_throughput_error']:.1%}, mean "
                   f"{summary['held_out_mean_throughput_error']:.1%}; memory error max {summary['max_memory_error']:.1%}; "
-                  f"fitted matmul_efficiency {fit} (catalog: {summary['catalog_matmul_efficiency']})")
+                  f"fitted on the 'fit' rows: {fit} (catalog: {summary['catalog']})")
     for r in rows:
         console.print(f"  {r['id']}: {r['source']}", highlight=False)
     return 0
