@@ -1,5 +1,6 @@
-"""Per-rank batch sizes (parallel.rank_batch): uneven splits of the global
-batch train exactly like one process under DDP, ZeRO-1 and ZeRO-3; auto
+"""Per-rank batch sizes (parallel.rank_batch, [[gpu_groups]]): uneven splits
+of the global batch train exactly like one process under DDP, ZeRO-1 and
+ZeRO-3, also with different micro-step counts per rank (DDP); auto
 gives a rank slowed by debug.slowdown fewer rows; resuming under another
 split keeps the data position; bad lists are one error line."""
 
@@ -7,16 +8,29 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import re
 
 import numpy as np
 import pytest
 from harness import assert_parity, run_cli, train_many, train_run
 
-from scaletrain.config import load_config, parse_rank_batch
+from scaletrain.config import load_config, parse_gpu_groups, parse_rank_batch
 from scaletrain.data.sampler import DistributedBatchSampler
 from scaletrain.errors import UserError
-from scaletrain.train.rank_batch import split_proportional
+from scaletrain.train.rank_batch import group_split, split_proportional
 
+GROUPS = """
+[[gpu_groups]]
+name = "fast"
+ranks = "0"
+micro_batch = 3
+accumulation = 2
+
+[[gpu_groups]]
+name = "slow"
+hosts = "*"
+micro_batch = 2
+"""
 BASE = ["training.steps=4", "training.micro_batch_size=2", "logging.sample_tokens=0", "logging.breakdown=false"]
 
 
@@ -32,7 +46,11 @@ def test_uneven_splits_match_one_process(tmp_path, debug_config):
         "resumed": BASE + ["parallel.rank_batch=2,6", f"checkpoint.dir={tmp_path / 'first' / 'checkpoints'}"],
     }, nproc=2)
     single = train_run(tmp_path / "single", debug_config, BASE)
-    for name in ("ddp", "zero1", "zero3", "auto"):
+    # [[gpu_groups]]: rank 0 takes 2 micro-steps of 3 rows, rank 1 (by host pattern) one of 2
+    groups = tmp_path / "groups.toml"
+    groups.write_text(debug_config.read_text() + GROUPS)
+    runs["groups"] = train_run(tmp_path / "groups", groups, BASE, nproc=2)
+    for name in ("ddp", "zero1", "zero3", "auto", "groups"):
         assert_parity(single, runs[name])
     first, resumed = runs["first"], runs["resumed"]
     assert resumed.summary["resumed_from"].endswith("step_00000002")
@@ -94,3 +112,26 @@ def test_wrong_length_is_one_error_line_before_workers_start(tmp_path, debug_con
                     "--set", "parallel.rank_batch=4,2,2", "--set", "training.micro_batch_size=2"], timeout=60)
     assert proc.returncode == 2 and proc.stderr.startswith("error: parallel.rank_batch = '4,2,2' has 3 entries")
     assert len(proc.stderr.strip().splitlines()) == 1 and not (tmp_path / "r").exists()
+
+
+def test_gpu_groups_resolve_and_refuse():
+    cfg = load_config(None, ["training.global_batch_size=8", "training.micro_batch_size=2"])
+    fast = {"name": "fast", "hosts": "a100-*", "micro_batch": 3, "accumulation": 1}
+    slow = {"name": "slow", "ranks": "2-3", "micro_batch": 1, "accumulation": 1}
+    cfg = dataclasses.replace(cfg, gpu_groups=[fast, slow])
+    hosts = ["a100-1", "a100-1", "v100-1", "v100-1"]
+    assert group_split(cfg, None, 4, 1) is None  # host patterns wait for the workers
+    assert group_split(cfg, hosts, 4, 1) == ([3, 3, 1, 1], [1, 1, 1, 1])
+    for groups, world, host_list, needle in [
+        ([fast, slow], 4, ["v100-1"] * 4, "fast: hosts = 'a100-*' match no rank"),
+        ([{**slow, "ranks": "4-5"}], 4, None, "ranks 4-5 match no rank of this job (ranks 0-3)"),
+        ([fast, {**slow, "micro_batch": 2}], 4, hosts, "10 in all; training.global_batch_size is 8"),
+    ]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            group_split(dataclasses.replace(cfg, gpu_groups=groups), host_list, world, 1)
+    for group, needle in [({"name": "x", "micro_batch": 2}, "exactly one of ranks"),
+                          ({"name": "x", "ranks": "3-1", "micro_batch": 2}, "ranks = '3-1'"),
+                          ({"name": "x", "ranks": "0", "micro_batch": 0}, "must be integers >= 1"),
+                          ({"name": "x", "ranks": "0", "micro_batch": 2, "gpus": 8}, "unknown key(s) gpus")]:
+        with pytest.raises(UserError, match=re.escape(needle)):
+            parse_gpu_groups([group])

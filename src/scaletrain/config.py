@@ -247,6 +247,8 @@ class Config:
     eval: EvalConfig = field(default_factory=EvalConfig)
     # [[alerts]] tables: name, expr, severity, ... (scaletrain.observe.alerts)
     alerts: list = field(default_factory=list)
+    # [[gpu_groups]] tables: name, ranks or hosts, micro_batch, accumulation (parse_gpu_groups)
+    gpu_groups: list = field(default_factory=list)
 
     def to_dict(self) -> dict[str, dict[str, Any]]:
         """Sections of {config key: value}, as written in TOML."""
@@ -260,10 +262,11 @@ class Config:
             lines += [f"{key} = {_toml_value('auto' if (section, key) in _AUTO_KEYS and value == AUTO else value)}"
                       for key, value in values.items()]
             lines.append("")
-        for rule in self.alerts:
-            lines.append("[[alerts]]")
-            lines += [f"{key} = {_toml_value(value)}" for key, value in rule.items()]
-            lines.append("")
+        for table, rows in (("alerts", self.alerts), ("gpu_groups", self.gpu_groups)):
+            for row in rows:
+                lines.append(f"[[{table}]]")
+                lines += [f"{key} = {_toml_value(value)}" for key, value in row.items()]
+                lines.append("")
         return "\n".join(lines)
 
 
@@ -282,7 +285,7 @@ def _toml_value(value: Any) -> str:
 
 
 def _sections() -> dict[str, type]:
-    return {f.name: f.default_factory for f in fields(Config) if f.name != "alerts"}  # type: ignore[misc]
+    return {f.name: f.default_factory for f in fields(Config) if f.name not in ("alerts", "gpu_groups")}  # type: ignore[misc]
 
 
 def _did_you_mean(name: str, options) -> str:
@@ -366,6 +369,9 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     alerts = raw.pop("alerts", [])
     if not isinstance(alerts, list) or not all(isinstance(rule, dict) for rule in alerts):
         raise UserError(f"{path}: 'alerts' must be a list of [[alerts]] tables")
+    gpu_groups = raw.pop("gpu_groups", [])
+    if not isinstance(gpu_groups, list) or not all(isinstance(group, dict) for group in gpu_groups):
+        raise UserError(f"{path}: 'gpu_groups' must be a list of [[gpu_groups]] tables")
     for section, values in raw.items():
         if not isinstance(values, dict):
             raise UserError(f"{path}: '{section}' must be a [section] table")
@@ -385,7 +391,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] | tuple[str
     raw["model"] = {**MODEL_PRESETS[name], **model_raw, "name": name}
 
     cfg = Config(**{section: cls(**{_FIELD_FOR_KEY.get(k, k): v for k, v in raw.get(section, {}).items()})
-                    for section, cls in _sections().items()}, alerts=alerts)
+                    for section, cls in _sections().items()}, alerts=alerts, gpu_groups=gpu_groups)
     validate(cfg)
     return cfg
 
@@ -465,16 +471,61 @@ def parse_slowdown(text: str) -> dict[int, float]:
     return out
 
 
+@dataclass(frozen=True)
+class GpuGroup:
+    """One [[gpu_groups]] table: the ranks it holds take micro_batch x accumulation rows per step."""
+
+    name: str
+    ranks: tuple[int, int] | None  # first and last rank, or None: matched by hosts
+    hosts: str  # an fnmatch pattern of host names ('' with ranks)
+    micro_batch: int
+    accumulation: int
+
+
+_GPU_GROUP_KEYS = ("name", "ranks", "hosts", "micro_batch", "accumulation")
+
+
+def parse_gpu_groups(groups: list) -> list[GpuGroup]:
+    out = []
+    for i, g in enumerate(groups):
+        where = f"[[gpu_groups]] {g.get('name', f'#{i + 1}')}"
+        if unknown := sorted(set(g) - set(_GPU_GROUP_KEYS)):
+            raise UserError(f"{where}: unknown key(s) {', '.join(unknown)}; allowed: {', '.join(_GPU_GROUP_KEYS)}")
+        ranks, hosts = g.get("ranks"), g.get("hosts")
+        if (ranks is None) == (hosts is None):
+            raise UserError(f"{where}: give exactly one of ranks = 'FIRST-LAST' or hosts = 'PATTERN'")
+        span = None
+        if ranks is not None:
+            first, _, last = str(ranks).partition("-")
+            last = last or first
+            if not (first.isdigit() and last.isdigit() and int(first) <= int(last)):
+                raise UserError(f"{where}: ranks = {ranks!r}; allowed: 'FIRST-LAST' or 'RANK' (0-based)")
+            span = (int(first), int(last))
+        micro, accumulation = g.get("micro_batch"), g.get("accumulation", 1)
+        if not all(isinstance(v, int) and not isinstance(v, bool) and v >= 1 for v in (micro, accumulation)):
+            raise UserError(f"{where}: micro_batch = {micro!r} and accumulation = {accumulation!r} must be "
+                            "integers >= 1")
+        out.append(GpuGroup(str(g.get("name", f"#{i + 1}")), span, str(hosts or ""), micro, accumulation))
+    return out
+
+
 def check_rank_batch_config(cfg: "Config") -> None:
     split, p, t = parse_rank_batch(cfg.parallel.rank_batch), cfg.parallel, cfg.training
     parse_slowdown(cfg.debug.slowdown)
-    if split is None:
+    groups = parse_gpu_groups(cfg.gpu_groups)
+    if groups and split is not None:
+        raise UserError("parallel.rank_batch and [[gpu_groups]] both split the batch between ranks; use one")
+    if groups and p.zero_stage >= 2 and len({g.accumulation for g in groups}) > 1:
+        raise UserError("[[gpu_groups]] with different accumulation needs zero_stage 0 or 1: FSDP (2/3) runs "
+                        "collectives in every forward, so every rank must run the same number of micro-steps")
+    if split is None and not groups:
         return
+    what = "[[gpu_groups]]" if groups else f"parallel.rank_batch = {p.rank_batch!r}"
     if p.tp != 1 or p.pp != 1:
-        raise UserError(f"parallel.rank_batch = {p.rank_batch!r} splits rows between data-parallel ranks and "
+        raise UserError(f"{what} splits rows between data-parallel ranks and "
                         f"needs tp = 1 and pp = 1 (has tp = {p.tp}, pp = {p.pp})")
     if cfg.data.batching != "fixed":
-        raise UserError(f"parallel.rank_batch = {p.rank_batch!r} needs data.batching = 'fixed' (has "
+        raise UserError(f"{what} needs data.batching = 'fixed' (has "
                         f"{cfg.data.batching!r}: its micro batches are already sized per step)")
     if isinstance(split, list) and sum(split) != t.global_batch_size:
         raise UserError(f"parallel.rank_batch = {p.rank_batch!r} sums to {sum(split)}; it must sum to "

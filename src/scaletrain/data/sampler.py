@@ -106,14 +106,16 @@ class DistributedBatchSampler:
     def _groups(perm: np.ndarray, size: int):
         return (perm[i:i + size] for i in range(0, len(perm), size))
 
-    def set_rank_rows(self, rank_rows: list[int] | None) -> None:
+    def set_rank_rows(self, rank_rows: list[int] | None, micro_steps: list[int] | None = None) -> None:
         """Cut each global batch into these many rows per rank (in rank order),
-        each rank's rows into micro_per_step / dp_size micro batches; the
-        global order and hence the state are unchanged (train.rank_batch)."""
+        each rank's rows into ``micro_steps[rank]`` micro batches (default
+        micro_per_step / dp_size); the global order and hence the state are
+        unchanged (train.rank_batch)."""
         if rank_rows is not None and (len(rank_rows) != self.dp_size or sum(rank_rows) != self.global_batch_size):
             raise UserError(f"rows per rank {rank_rows} do not split training.global_batch_size = "
                             f"{self.global_batch_size} over {self.dp_size} data-parallel ranks")
         self.rank_rows = rank_rows
+        self.rank_micro_steps = micro_steps or [self.micro_per_step // self.dp_size] * self.dp_size
 
     def next_step(self) -> Step:
         """This rank's micro batches of the next step, advancing the position."""
@@ -127,9 +129,9 @@ class DistributedBatchSampler:
         mine = micro[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
         if self.rank_rows is not None:
             ends = np.cumsum(self.rank_rows)
-            micro = [m for r in range(self.dp_size) for m in np.array_split(rows[ends[r] - self.rank_rows[r]:ends[r]],
-                                                                            per_rank)]
-            mine = micro[self.dp_rank * per_rank:(self.dp_rank + 1) * per_rank]
+            by_rank = [np.array_split(rows[ends[r] - self.rank_rows[r]:ends[r]], self.rank_micro_steps[r])
+                       for r in range(self.dp_size)]
+            micro, mine = [m for pieces in by_rank for m in pieces], by_rank[self.dp_rank]
         return Step(mine, micro, rows)
 
     def next_batch(self) -> np.ndarray:

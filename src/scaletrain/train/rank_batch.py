@@ -20,14 +20,16 @@ try this on identical CPUs.
 
 from __future__ import annotations
 
+import socket
 import sys
 import time
+from fnmatch import fnmatch
 from pathlib import Path
 
 import torch
 import torch.distributed as dist
 
-from scaletrain.config import Config, parse_rank_batch, parse_slowdown
+from scaletrain.config import Config, GpuGroup, parse_gpu_groups, parse_rank_batch, parse_slowdown
 from scaletrain.errors import UserError
 from scaletrain.observe.events import append_event
 
@@ -52,7 +54,10 @@ class Slowdown:
 
 
 def check_rank_batch(cfg: Config, dp_size: int, accum: int) -> None:
-    """An explicit list has one entry per data-parallel rank, each >= one row per micro-step."""
+    """An explicit list has one entry per data-parallel rank, each >= one row
+    per micro-step; [[gpu_groups]] by rank ranges are resolved (host patterns
+    can only be matched once the workers know their hosts)."""
+    group_split(cfg, None, dp_size, accum)
     split = parse_rank_batch(cfg.parallel.rank_batch)
     if not isinstance(split, list):
         return
@@ -62,6 +67,43 @@ def check_rank_batch(cfg: Config, dp_size: int, accum: int) -> None:
     if min(split) < accum:
         raise UserError(f"parallel.rank_batch = {cfg.parallel.rank_batch!r}: every rank runs {accum} micro-steps "
                         f"(global / (micro x dp)), so each needs >= {accum} rows")
+
+
+def group_split(cfg: Config, hosts: list[str] | None, world: int, accum: int) -> tuple[list[int], list[int]] | None:
+    """[[gpu_groups]] -> (rows, micro-steps) per rank: the first group whose
+    rank range or host pattern matches a rank gives it micro_batch x
+    accumulation rows; a rank in no group takes training.micro_batch_size x
+    the job's accumulation. None without groups, or with host patterns while
+    ``hosts`` is not known yet (only the rank ranges are checked then)."""
+    groups = parse_gpu_groups(cfg.gpu_groups)
+    if not groups:
+        return None
+    for g in groups:
+        if g.ranks is not None and g.ranks[0] >= world:
+            raise UserError(f"[[gpu_groups]] {g.name}: ranks {g.ranks[0]}-{g.ranks[1]} match no rank of this job "
+                            f"(ranks 0-{world - 1})")
+    if hosts is None and any(g.ranks is None for g in groups):
+        return None
+
+    def matches(g: GpuGroup, rank: int) -> bool:
+        return g.ranks[0] <= rank <= g.ranks[1] if g.ranks is not None else fnmatch(hosts[rank], g.hosts)
+
+    chosen = [next((g for g in groups if matches(g, r)), None) for r in range(world)]
+    for g in groups:
+        if g not in chosen:
+            known = f"; hosts: {', '.join(sorted(set(hosts)))}" if hosts else ""
+            raise UserError(f"[[gpu_groups]] {g.name}: {f'hosts = {g.hosts!r}' if g.ranks is None else 'its ranks'} "
+                            f"match no rank of this job (ranks 0-{world - 1}{known}; the first matching group wins)")
+    rows = [g.micro_batch * g.accumulation if g else cfg.training.micro_batch_size * accum for g in chosen]
+    micro = [g.accumulation if g else accum for g in chosen]
+    if sum(rows) != cfg.training.global_batch_size:
+        raise UserError(f"[[gpu_groups]] give the ranks {rows} rows per step (micro_batch x accumulation; a rank in "
+                        f"no group: training.micro_batch_size x {accum}), {sum(rows)} in all; "
+                        f"training.global_batch_size is {cfg.training.global_batch_size}")
+    if cfg.parallel.zero_stage >= 2 and len(set(micro)) > 1:
+        raise UserError(f"[[gpu_groups]] give the ranks {micro} micro-steps; zero_stage {cfg.parallel.zero_stage} "
+                        "(FSDP) needs the same number on every rank")
+    return rows, micro
 
 
 def split_proportional(total: int, speeds: list[float], minimum: int) -> list[int]:
@@ -96,9 +138,21 @@ def probe_rows_per_s(forward_backward, rows: int, device: torch.device, model: t
     return rows / sorted(times)[len(times) // 2]
 
 
-def resolve_rank_rows(cfg: Config, rank: int, world: int, accum: int, probe, run_dir: Path) -> list[int] | None:
-    """Rows of the global batch per data-parallel rank (tp = pp = 1: the world),
+def resolve_rank_rows(cfg: Config, rank: int, world: int, accum: int, probe,
+                      run_dir: Path) -> tuple[list[int], list[int] | None] | None:
+    """(rows of the global batch, micro-steps) per data-parallel rank (tp = pp
+    = 1: the world; micro-steps None = the job's accumulation on every rank),
     or None for the even split. ``probe()`` -> this rank's rows/s (auto only)."""
+    if cfg.gpu_groups:
+        hosts = [socket.gethostname()]
+        if world > 1:
+            hosts = [""] * world
+            dist.all_gather_object(hosts, socket.gethostname())
+        rows, micro = group_split(cfg, hosts, world, accum)
+        if rank == 0:
+            append_event(run_dir, "rank_batch", 0, rank, f"[[gpu_groups]]: rows per rank {rows}, micro-steps {micro}",
+                         rank_rows=rows, micro_steps=micro)
+        return rows, micro
     split = parse_rank_batch(cfg.parallel.rank_batch)
     if split is None:
         return None
@@ -115,11 +169,11 @@ def resolve_rank_rows(cfg: Config, rank: int, world: int, accum: int, probe, run
                       + f" -> rows per rank {split}")
             append_event(run_dir, "rank_batch", 0, rank, detail, rows_per_s=speeds, rank_rows=split)
             print(detail, file=sys.stderr)
-    return split
+    return split, None
 
 
-def trainer_rank_rows(trainer, model: torch.nn.Module) -> list[int] | None:
-    """Rows per data-parallel rank for ``trainer`` (before its model is
+def trainer_rank_rows(trainer, model: torch.nn.Module) -> tuple[list[int], list[int] | None] | None:
+    """(rows, micro-steps) per data-parallel rank for ``trainer`` (before its model is
     wrapped: ``auto`` times the plain ``model`` on one micro batch)."""
     import numpy as np
 
