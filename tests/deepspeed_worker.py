@@ -71,7 +71,7 @@ def run_job(job: dict) -> None:
     if "load_dir" in job:
         _, client_state = engine.load_checkpoint(job["load_dir"])
         for _ in range(engine.global_steps):  # the data position of the loaded step
-            sampler.next_global_batch()
+            sampler.next_step()
     else:
         losses = [step() for _ in range(job["steps"])]
         engine.save_checkpoint(job["save_dir"])
