@@ -242,3 +242,69 @@ def test_router_api_key_and_no_backend_answers():
     unavailable = client.post("/v1/completions", json={"model": "m", "prompt": "x"}, headers=auth)
     assert unavailable.status_code == 503 and unavailable.headers["retry-after"] == "1"
     assert 'scaletrain:router_no_backend_total 1.0' in client.get("/metrics", headers=auth).text
+
+
+def _timed_generation(step_delay_s: float, max_tokens: int) -> tuple[float, int, list[int]]:
+    """One greedy request through an AsyncEngine on the debug model: wall
+    seconds, engine steps taken, token ids."""
+    import time
+
+    import torch
+
+    from scaletrain.config import load_config
+    from scaletrain.data.tokenizer import ByteTokenizer
+    from scaletrain.model import Llama
+    from scaletrain.serve.async_engine import AsyncEngine
+    from scaletrain.serve.engine import Engine, EngineConfig
+    from scaletrain.serve.kv_cache import KVCache
+    from scaletrain.serve.metrics import ServeMetrics
+    from scaletrain.serve.sampling import SamplingParams
+
+    cfg = load_config(None, ["model.name=debug", "model.vocab_size=320"]).model
+    model = Llama(cfg)
+    model.init_weights(0)
+    cache = KVCache(cfg.n_layers, 64, 4, cfg.n_kv_heads, cfg.dim // cfg.n_heads, torch.float32)
+    engine = Engine(model.eval(), cache, EngineConfig(64, 4, 4, 256, True), None, ByteTokenizer().decode, None)
+    steps, step = [], engine.step
+    engine.step = lambda: steps.append(1) or step()  # counts the steps the engine thread takes
+    failed = []
+    runner = AsyncEngine(engine, ServeMetrics("m"), failed.append, step_delay_s=step_delay_s).start()
+
+    async def generate():
+        params = SamplingParams(max_tokens=max_tokens, temperature=0.0, ignore_eos=True)
+        return [t for out in [o async for o in runner.generate([list(range(40, 72))], params, 1)] for t in out.token_ids]
+
+    try:
+        t0 = time.monotonic()
+        tokens = asyncio.run(generate())
+        return time.monotonic() - t0, len(steps), tokens
+    finally:
+        runner.shutdown()
+        assert not failed
+
+
+def test_debug_step_delay_makes_every_engine_step_longer_by_the_delay():
+    """--debug-step-delay: the same tokens, and the slowed engine's time is at
+    least steps x delay, where the same request without it takes far less."""
+    delay, max_tokens = 0.1, 6
+    plain_s, plain_steps, plain_tokens = _timed_generation(0.0, max_tokens)
+    slow_s, slow_steps, slow_tokens = _timed_generation(delay, max_tokens)
+    assert slow_tokens == plain_tokens and len(slow_tokens) == max_tokens
+    assert slow_steps == plain_steps >= max_tokens
+    assert slow_s >= slow_steps * delay
+    assert plain_s < slow_steps * delay / 2, (plain_s, slow_s)
+
+
+def test_debug_step_delay_options_are_checked():
+    from scaletrain.serve.fleet.cli import parse_step_delays, replica_args
+    from scaletrain.serve.server import ServeOptions, check_options
+
+    assert parse_step_delays("0,0.03") == [0.0, 0.03] and parse_step_delays(None) == []
+    for bad in ("0,-1", "fast", "0,,1", "nan"):
+        with pytest.raises(UserError, match="--replica-debug-step-delay"):
+            parse_step_delays(bad)
+    with pytest.raises(UserError, match="--debug-step-delay"):
+        check_options(ServeOptions("m", debug_step_delay_s=-0.5))
+    args = replica_args(ServeOptions("m", debug_step_delay_s=0.02))
+    assert args[args.index("--debug-step-delay") + 1] == "0.02"
+    assert "--debug-step-delay" not in replica_args(ServeOptions("m"))

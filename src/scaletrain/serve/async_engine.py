@@ -5,6 +5,16 @@ step the outputs go back to the loop in one ``call_soon_threadsafe`` and are
 sorted into each request's queue. The engine thread also keeps the metrics.
 A failure inside a step (a TP worker gone) is fatal: ``on_fatal`` ends the
 process, because the KV cache and the workers' state can no longer be trusted.
+
+``step_delay_s`` (``scaletrain serve --debug-step-delay``) is a debugging and
+benchmarking knob: the engine thread sleeps that long after every step before
+handing its outputs on, so each step of this replica really takes longer, as
+on a slower accelerator. A sleep rather than fewer threads or a pinned core:
+on a machine with few cores, fewer torch threads is not slower (README,
+serving threads) and pinning only moves the contention between the replicas
+around, while a sleep slows this engine alone, by a known amount, and does not
+take CPU from the others (the GIL is released while it sleeps, so the HTTP
+loop keeps accepting requests).
 """
 
 from __future__ import annotations
@@ -35,8 +45,10 @@ class _Stream:
 
 
 class AsyncEngine:
-    def __init__(self, engine: Engine, metrics: ServeMetrics, on_fatal: Callable[[BaseException], None]):
+    def __init__(self, engine: Engine, metrics: ServeMetrics, on_fatal: Callable[[BaseException], None],
+                 step_delay_s: float = 0.0):
         self.engine, self.metrics, self.on_fatal = engine, metrics, on_fatal
+        self.step_delay_s = step_delay_s  # --debug-step-delay: slept after every step (module docstring)
         self._inbox: deque = deque()
         self._wake = threading.Event()
         self._stop = False
@@ -106,6 +118,8 @@ class AsyncEngine:
                     self._wake.clear()
                     continue
                 outputs = self.engine.step()
+                if self.step_delay_s:  # before the outputs are timed and delivered: the step took this much longer
+                    time.sleep(self.step_delay_s)
                 self._record(outputs)
                 if outputs:
                     loop = next(iter(self._streams.values())).loop if self._streams else None

@@ -68,6 +68,11 @@ def serve(
                                     "averaged."),
     replica_threads: Optional[str] = typer.Option(None, "--replica-threads", help="torch threads per replica, "
                                                   "in order (e.g. 2,1; default the cores shared out)."),
+    debug_step_delay: float = typer.Option(0.0, "--debug-step-delay", help="Debugging/benchmarks: seconds the "
+                                           "engine sleeps after every step, making this server really slower."),
+    replica_debug_step_delay: Optional[str] = typer.Option(None, "--replica-debug-step-delay", help="Debugging/"
+                                                           "benchmarks: --debug-step-delay per replica, in order "
+                                                           "(e.g. 0,0.03: the second replica slower)."),
     follow: bool = typer.Option(False, "--follow", help="MODEL is a training run: roll the replicas to each new "
                                 "valid checkpoint, one at a time."),
 ) -> None:
@@ -81,7 +86,7 @@ def serve(
                         "missing MODEL (a checkpoint, run directory or HF folder) or --model NAME=PATH")
     opts = ServeOptions(model, host, port, tp, dtype, max_num_seqs, max_batch_tokens, kv_cache_tokens,
                         kv_cache_bytes, block_size, api_key, served_model_name, max_queue, not no_prefix_caching,
-                        grace, threads, attention, tuple(model_specs), model_memory_budget)
+                        grace, threads, attention, tuple(model_specs), model_memory_budget, debug_step_delay)
     if replicas is None and min_replicas is None and max_replicas is None and not follow:
         raise typer.Exit(run(opts))
     from scaletrain.serve.fleet.fleet import FleetOptions, run_fleet
@@ -94,7 +99,8 @@ def serve(
                                      api_key)
     count = replicas if replicas is not None else (min_replicas or 1)
     fopts = FleetOptions(count, min_replicas, max_replicas, target_ongoing_requests, upscale_delay,
-                         downscale_delay, look_back, fleet_cli.parse_threads(replica_threads), follow)
+                         downscale_delay, look_back, fleet_cli.parse_threads(replica_threads), follow,
+                         replica_step_delays=fleet_cli.parse_step_delays(replica_debug_step_delay))
     raise typer.Exit(run_fleet(model, fleet_cli.replica_args(opts), ropts, fopts))
 
 

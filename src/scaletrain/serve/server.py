@@ -44,6 +44,7 @@ class ServeOptions:
     attention: str = "auto"  # rows, gather, or auto (rows where they fit in memory)
     models: tuple[str, ...] = ()  # NAME=PATH: several models, loaded on first use (serve/fleet/replica.py)
     model_memory_budget: str | None = None  # bytes for the loaded models together (default: half the free memory)
+    debug_step_delay_s: float = 0.0  # slept after every engine step, to make a replica slower (async_engine.py)
 
 
 def check_options(opts: ServeOptions) -> None:
@@ -54,7 +55,8 @@ def check_options(opts: ServeOptions) -> None:
               (opts.max_queue >= 1, f"--max-queue {opts.max_queue}: must be at least 1"),
               (0 <= opts.port < 65536, f"--port {opts.port}: must be in 0..65535"),
               (not (opts.kv_cache_tokens and opts.kv_cache_bytes), "give --kv-cache-tokens or --kv-cache-bytes, not both"),
-              (opts.attention in ("auto", "rows", "gather"), f"--attention {opts.attention!r}; allowed: auto, rows, gather")]
+              (opts.attention in ("auto", "rows", "gather"), f"--attention {opts.attention!r}; allowed: auto, rows, gather"),
+              (0 <= opts.debug_step_delay_s <= 60, f"--debug-step-delay {opts.debug_step_delay_s}: allowed 0..60 seconds")]
     for ok, message in checks:
         if not ok:
             raise UserError(message)
@@ -170,7 +172,7 @@ def _run_http(opts: ServeOptions, loaded, engine, workers) -> int:
     name = opts.served_model_name or opts.model
     metrics = ServeMetrics(name)
     on_fatal = _fatal(workers)
-    async_engine = AsyncEngine(engine, metrics, on_fatal).start()
+    async_engine = AsyncEngine(engine, metrics, on_fatal, opts.debug_step_delay_s).start()
     if workers is not None:
         workers.watch(on_fatal)
     state = ServerState(async_engine, metrics, loaded.tokenizer, loaded.chat_template, name,

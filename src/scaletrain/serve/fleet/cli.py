@@ -74,7 +74,8 @@ def replica_args(opts) -> list[str]:
             "--max-batch-tokens", str(opts.max_batch_tokens), "--block-size", str(opts.block_size),
             "--max-queue", str(opts.max_queue), "--grace", str(opts.grace_s), "--attention", opts.attention]
     optional = [("--kv-cache-tokens", opts.kv_cache_tokens), ("--kv-cache-bytes", opts.kv_cache_bytes),
-                ("--threads", opts.threads), ("--model-memory-budget", opts.model_memory_budget)]
+                ("--threads", opts.threads), ("--model-memory-budget", opts.model_memory_budget),
+                ("--debug-step-delay", opts.debug_step_delay_s or None)]
     args += [a for flag, value in optional if value is not None for a in (flag, str(value))]
     args += [] if opts.prefix_caching else ["--no-prefix-caching"]
     for spec in opts.models:
@@ -96,3 +97,19 @@ def parse_threads(text: str | None) -> list[int]:
     if not threads or any(t < 1 for t in threads):
         raise UserError(f"--replica-threads {text!r}; allowed: positive integers, one per replica (e.g. 2,1)")
     return threads
+
+
+def parse_step_delays(text: str | None) -> list[float]:
+    """--replica-debug-step-delay 0,0.03: seconds slept after every engine step, per replica in order."""
+    from scaletrain.errors import UserError
+
+    if not text:
+        return []
+    try:
+        delays = [float(d) for d in text.split(",")]
+    except ValueError:
+        delays = []
+    if not delays or not all(0 <= d <= 60 for d in delays):
+        raise UserError(f"--replica-debug-step-delay {text!r}; allowed: seconds in 0..60, one per replica "
+                        "(e.g. 0,0.03)")
+    return delays

@@ -62,6 +62,7 @@ class FleetOptions:
     follow: bool = False
     follow_poll_s: float = 2.0
     drain_timeout_s: float = 60.0
+    replica_step_delays: list[float] = field(default_factory=list)  # --replica-debug-step-delay, in order
 
 
 def check_router_options(opts: RouterOptions) -> list[float] | None:
@@ -130,7 +131,8 @@ class Fleet:
     def start_one(self) -> Replica:
         i = len(self.supervisor.replicas)
         threads = self.opts.replica_threads[i % len(self.opts.replica_threads)] if self.opts.replica_threads else None
-        replica = self.supervisor.start(self.model, threads)
+        delays = self.opts.replica_step_delays
+        replica = self.supervisor.start(self.model, threads, step_delay_s=delays[i % len(delays)] if delays else None)
         if self.weights:
             replica.backend.weight = self.weights[i % len(self.weights)]
         return replica

@@ -77,7 +77,7 @@ async def roll(fleet, old: str, new: str) -> bool:
     sup = fleet.supervisor
     if len(fleet.active()) == 1:  # the only replica: start its successor first, so the endpoint stays up
         replica = fleet.active()[0]
-        successor = sup.start(new, replica.threads)
+        successor = sup.start(new, replica.threads, step_delay_s=replica.step_delay_s)
         if not await sup.wait_ready(successor):
             print(f"follow: a replica did not come up on {Path(new).name}:\n{sup.log_tail(successor, 800)}",
                   file=sys.stderr, flush=True)

@@ -49,7 +49,7 @@ def build_entry(opts, name: str, path: str) -> LoadedEntry:
     cfg = loaded.model.cfg
     engine = build_engine(opts, loaded, rows=use_rows(opts, cfg, 1))
     metrics = ServeMetrics(name)
-    async_engine = AsyncEngine(engine, metrics, _fatal(None)).start()
+    async_engine = AsyncEngine(engine, metrics, _fatal(None), opts.debug_step_delay_s).start()
     state = ServerState(async_engine, metrics, loaded.tokenizer, loaded.chat_template, name, cfg.max_seq_len,
                         engine.vocab_limit, opts.api_key, opts.max_queue, int(time.time()), str(loaded.checkpoint))
     tensors = [*loaded.model.parameters(), *loaded.model.buffers(), engine.cache.k, engine.cache.v]

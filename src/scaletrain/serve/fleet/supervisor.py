@@ -53,6 +53,7 @@ class Replica:
     next_start_s: float = 0.0
     stopping: bool = False
     log: Path | None = None
+    step_delay_s: float | None = None  # --debug-step-delay of this replica (None: the fleet's serve_args)
 
 
 @dataclass
@@ -65,9 +66,10 @@ class Supervisor:
     startup_s: float = 300.0
     api_key: str | None = None  # to the replicas through the environment, not argv (ps shows argv)
 
-    def start(self, model: str, threads: int | None = None, port: int | None = None) -> Replica:
+    def start(self, model: str, threads: int | None = None, port: int | None = None,
+              step_delay_s: float | None = None) -> Replica:
         port = port or free_port()
-        replica = Replica(port, model, threads, self.pool.add(f"http://127.0.0.1:{port}"))
+        replica = Replica(port, model, threads, self.pool.add(f"http://127.0.0.1:{port}"), step_delay_s=step_delay_s)
         self.replicas.append(replica)
         self._spawn(replica)
         return replica
@@ -81,6 +83,8 @@ class Supervisor:
         args = ([replica.model] if replica.model else []) + ["--port", str(replica.port), *self.serve_args]
         if replica.threads:
             args += ["--threads", str(replica.threads)]
+        if replica.step_delay_s is not None:  # the last --debug-step-delay given wins over serve_args'
+            args += ["--debug-step-delay", str(replica.step_delay_s)]
         replica.log = self.log_dir / f"replica-{replica.port}.log"
         with replica.log.open("a") as log:
             replica.proc = subprocess.Popen([sys.executable, "-m", "scaletrain", "serve", *args], env=env,
@@ -91,7 +95,7 @@ class Supervisor:
         if replica is None or replica.proc is None:
             return {}
         return {"pid": replica.proc.pid, "restarts": replica.restarts, "model_path": replica.model,
-                "threads": replica.threads}
+                "threads": replica.threads, "debug_step_delay_s": replica.step_delay_s}
 
     async def wait_ready(self, replica: Replica, timeout_s: float | None = None) -> bool:
         return await self.pool.wait_ready(replica.backend, timeout_s or self.startup_s,
