@@ -189,7 +189,7 @@ CASES_2 = {  # (name, reference, overrides on 2 ranks)
     "ddp_packed_budget": ("packed_budget", CASES_1["packed_budget"]),
     "zero3_accum_padded_grouped": ("padded_grouped", CASES_1["padded_grouped"] + [
         "parallel.zero_stage=3", "training.micro_batch_size=1"]),
-    "tp_packed": ("packed", CASES_1["packed"] + ["parallel.tp=2"]),
+    "tp_sp_packed": ("packed", CASES_1["packed"] + ["parallel.tp=2", "parallel.sequence_parallel=true"]),
     "pp_packed": ("packed", CASES_1["packed"] + ["parallel.pp=2", "parallel.pp_microbatches=2"]),
     "stopped_budget": ("packed_budget", CASES_1["packed_budget"] + ["debug.stop_at_step=2"]),
 }

@@ -90,7 +90,7 @@ def reference_params(config: Path, run_dir: Path, steps: int, plan: list[str]) -
         if action == "train":
             trainer.train_step()
         else:
-            trainer.sampler.next_global_batch()
+            trainer.sampler.next_step()
     return {k: v.detach().clone() for k, v in trainer.model.full_state_dict().items()}
 
 

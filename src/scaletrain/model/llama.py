@@ -64,9 +64,11 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor,
                 mask: torch.Tensor | None = None) -> torch.Tensor:
-        """cos/sin: (T, head_dim) or (B, T, head_dim); mask: None (causal) or
+        """cos/sin: (>= T, head_dim) or (B, T, head_dim); mask: None (causal) or
         (B, 1, T, T) bool, True where a query may attend to a key."""
         B, T, _ = x.shape
+        if cos.dim() == 2:
+            cos, sin = cos[:T], sin[:T]  # (T, head_dim)
         # view(..., -1, head_dim) infers the head count, so a tensor-parallel
         # shard with fewer local heads needs no change here.
         q = self.q_proj(x).view(B, T, -1, self.head_dim)  # (B, T, n_heads, head_dim)
@@ -150,10 +152,11 @@ class Llama(nn.Module):
         pipeline stage without a head). Packed rows pass positions (B, T),
         restarting at 0 for each document, and doc_ids (B, T): a token attends
         only to earlier tokens of its own document (padding has its own id)."""
-        T = tokens.shape[1]
         h = self.embed_tokens(tokens) if self.embed_tokens is not None else tokens  # (B, T, dim)
         if positions is None:
-            cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, head_dim)
+            # The whole table: attention slices it to its own length (under
+            # sequence parallelism a stage's input holds a shard of T).
+            cos, sin = self.rope_cos, self.rope_sin  # (max_seq_len, head_dim)
         else:
             cos, sin = self.rope_cos[positions], self.rope_sin[positions]  # (B, T, head_dim)
         mask = None if doc_ids is None else document_mask(doc_ids)
