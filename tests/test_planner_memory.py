@@ -220,3 +220,23 @@ def test_loss_peak_is_three_fp32_vocabulary_rows_per_token(dtype):
             running += e.nbytes()
             peak = max(peak, running)
     assert peak == 12 * T * V
+
+
+def test_mixed_cluster_pipeline_gives_the_faster_devices_more_layers():
+    """The planner proposes speed-aware stages (parallel.pp_rank_speeds) on a
+    mixed cluster, checks each pipeline rank against its own devices'
+    memory, and predicts them faster than the even split."""
+    from scaletrain.planner.estimate import estimate
+    from scaletrain.planner.hardware import parse_cluster
+    from scaletrain.planner.search import candidates, train_overrides
+
+    cluster = parse_cluster(load_catalog(), "h100-sxm:8,a100-80g:8", 16, 8)
+    speeds = cluster.pipeline_rank_speeds(2, "bf16")
+    assert speeds == (round(989 * 0.36 / (312 * 0.585), 2), 1.0)
+    m = ModelConfig(name="7b", **{**MODEL_PRESETS["7b"], "vocab_size": 32000})
+    w = Workload(m, 2048, 64, "bf16")
+    even = Layout(dp_shard=8, zero_stage=3, pp=2, pp_microbatches=4, micro_batch=4)
+    aware = replace(even, pp_rank_speeds=speeds)
+    assert estimate(w, aware, cluster).tokens_per_s > estimate(w, even, cluster).tokens_per_s
+    assert aware in candidates(w, cluster)
+    assert "parallel.pp_rank_speeds=" + ",".join(f"{s:g}" for s in speeds) in train_overrides(w, aware)

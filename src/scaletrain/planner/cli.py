@@ -139,6 +139,12 @@ def run_calibrate(name: str, nproc: int, hardware: Path | None) -> int:
     return 0
 
 
+def _pair(predicted, measured) -> str:
+    if predicted is None or not measured:
+        return "-"
+    return f"{predicted / 2**20:.2f} / {measured / 2**20:.2f} ({predicted / measured - 1:+.1%})"
+
+
 def _dispatch(curve: tuple) -> str:
     return " / ".join(f"{b * 1e3:.1f} ms per block + {m * 1e3:.1f} ms per pass at {x / 1e3:.0f}k elements"
                       for x, b, m in curve)
@@ -164,7 +170,7 @@ def run_verify(name: str, hardware: Path | None, layouts: str | None, as_json: b
     console = Console(width=200)
     table = Table(title="per rank: predicted / measured")
     for col in ("layout", "rank", "params B", "grads B", "optim B", "states", "peak MiB pred", "peak MiB meas",
-                "peak err", "collective bytes"):
+                "peak err", "saved activ. MiB pred / meas", "held grads MiB", "collective bytes"):
         table.add_column(col, justify="right")
     worst = 0.0
     for r in result["ranks"]:
@@ -176,6 +182,8 @@ def run_verify(name: str, hardware: Path | None, layouts: str | None, as_json: b
         table.add_row(r["layout"], str(r["rank"]), str(sp["params_bytes"]), str(sp["grads_bytes"]),
                       str(sp["optimizer_bytes"]), "exact" if sp == sm else f"MISMATCH {sm}",
                       f"{r['peak_predicted'] / 2**20:.2f}", f"{r['peak_measured'] / 2**20:.2f}", f"{err:+.1%}",
+                      _pair(r["activations_predicted"], r["activations_measured"]),
+                      f"{r['held_grads_predicted'] / 2**20:.2f}",
                       ("exact: " if same else f"MISMATCH predicted {r['collectives_predicted']}: ") + coll)
     console.print(table)
     others = Table(title="rank 0, MiB: ours and two common estimators vs measured (peak; model states)")

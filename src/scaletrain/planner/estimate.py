@@ -47,13 +47,15 @@ class Estimate:
 def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "cuda") -> Estimate:
     dev = cluster.device
     est = Estimate(layout)
-    mems = [memory_of_rank(w, layout, c, dev, device_type) for c in worst_ranks(layout)]
-    est.memory = max(mems, key=lambda m: m["peak"])
+    # Each pipeline rank against its own devices' memory (a mixed cluster's
+    # faster, bigger GPUs may hold the larger stages).
+    mems = [(memory_of_rank(w, layout, c, dev, device_type), cluster.pipeline_rank_memory_gib(layout.pp, c.pp))
+            for c in worst_ranks(layout)]
+    est.memory, capacity_gib = max(mems, key=lambda m: m[0]["peak"] / m[1])
     est.total_bytes = est.memory.pop("peak")
-    capacity = dev.memory_gib * GIB
-    if est.total_bytes > capacity:
+    if est.total_bytes > capacity_gib * GIB:
         est.fits = False
-        est.why = f"needs {est.total_bytes / GIB:.1f} GiB per GPU; {dev.memory_gib:g} GiB available"
+        est.why = f"needs {est.total_bytes / GIB:.1f} GiB per GPU; {capacity_gib:g} GiB available"
     offloaded = est.memory.get("offloaded_to_cpu", 0.0) * cluster.gpus_per_node
     if dev.host_memory_gib and offloaded > dev.host_memory_gib * GIB:
         est.fits = False

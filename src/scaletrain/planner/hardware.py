@@ -180,6 +180,27 @@ class Cluster:
                          "name": "+".join(d.name for d in devices),
                          "description": " + ".join(f"{n}x {d.description}" for d, n in self.kinds)})
 
+    def pipeline_rank_speeds(self, pp: int, dtype: str) -> tuple[float, ...]:
+        """Relative speed of each pipeline rank (pp is the mesh's outermost
+        dimension: rank r holds global ranks [r W/pp, (r+1) W/pp), the kinds
+        in the order given), each the slowest of its devices' peak x
+        matmul_efficiency; () when all are alike."""
+        if not self.mixed or pp == 1:
+            return ()
+        per_rank = [d for d, n in self.kinds for _ in range(n)]
+        width = len(per_rank) // pp
+        speeds = [min(d.peak_flops(dtype) * d.matmul_efficiency for d in per_rank[r * width:(r + 1) * width])
+                  for r in range(pp)]
+        if len(set(speeds)) == 1 or not min(speeds):
+            return ()
+        return tuple(round(s / min(speeds), 2) for s in speeds)
+
+    def pipeline_rank_memory_gib(self, pp: int, pp_rank: int) -> float:
+        """The smallest device memory among a pipeline rank's devices."""
+        per_rank = [d for d, n in self.kinds for _ in range(n)]
+        width = len(per_rank) // pp
+        return min(d.memory_gib for d in per_rank[pp_rank * width:(pp_rank + 1) * width])
+
     def notes(self) -> list[str]:
         if not self.mixed:
             return []

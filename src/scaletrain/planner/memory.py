@@ -141,6 +141,21 @@ def activation_bytes(w: Workload, layout: Layout, c: Coord) -> dict[str, float]:
     return out
 
 
+def saved_activation_bytes(w: Workload, layout: Layout, c: Coord) -> float | None:
+    """The part of activation_bytes that autograd saves (what the trainer's
+    measure_step probe sees): the blocks, autocast's weight casts, and the
+    output layer's final norm, head input and log-softmax output; None under
+    recomputation or a pipeline (their buffers are not saved tensors)."""
+    if layout.activation_checkpointing != "none" or layout.pp > 1:
+        return None
+    acts = activation_bytes(w, layout, c)
+    m = w.model
+    comp = precision(w.dtype, layout)[0]
+    tokens = layout.micro_batch * w.seq_len
+    head = tokens * (8 * m.dim + 4 + comp * m.dim + 4 * m.vocab_size / layout.tp)
+    return acts["layers"] + acts.get("autocast_weights", 0.0) + head
+
+
 def _in_flight(layout: Layout, pp_rank: int) -> int:
     """Microbatches whose activations a pipeline rank holds at its peak:
     GPipe all m; 1F1B p - r (Narayanan et al. 2021); interleaved schedules
@@ -191,6 +206,11 @@ def memory_of_rank(w: Workload, layout: Layout, c: Coord, device: Device, device
         unsharded_params = (sum(sizes) if every_unit else sum(sizes[:2])) * elem
         unsharded_grads = sizes[0] * MASTER_BYTES
     held = held_gradient_bytes(w, layout, c)
+    if unsharded_grads and not held:
+        # A unit's reduction holds its unsharded gradient and FSDP's copy of
+        # it into the reduce-scatter input at once (foreach_reduce); when the
+        # full gradient is held anyway, only the copy is extra.
+        unsharded_grads *= 2
     persistent = (layout.dp > 1 and not layout.fsdp) or accum(w, layout) > 1
     persistent_grads = states["grads_bytes"] if persistent else 0
     mem = {"parameters": states["params_bytes"], "gradients": states["grads_bytes"],
@@ -215,5 +235,8 @@ def memory_of_rank(w: Workload, layout: Layout, c: Coord, device: Device, device
 
 def worst_ranks(layout: Layout) -> list[Coord]:
     """The ranks with the most memory or work: the first and last pipeline
-    rank, dp_shard rank 0 (FSDP's biggest chunk), tp rank 0."""
+    rank (every one when speed-aware stages make them uneven), dp_shard
+    rank 0 (FSDP's biggest chunk), tp rank 0."""
+    if layout.pp_rank_speeds:
+        return [Coord(pp=r) for r in range(layout.pp)]
     return [Coord(pp=r) for r in sorted({0, layout.pp - 1})]

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import itertools
 import json
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from scaletrain.planner.layout import Layout, Workload
 from scaletrain.planner.hardware import GIB, Cluster
 
 DEFAULT_VOCAB = 32000  # for presets whose vocabulary comes from the tokenizer
+_BASE_PRESET = next(iter(MODEL_PRESETS))  # what a model that is no preset starts from in a printed command
 
 
 def resolve_model(spec: str) -> tuple[ModelConfig, dict]:
@@ -63,25 +65,27 @@ def _divisors(n: int) -> list[int]:
 
 
 def _accepted(w: Workload, layout: Layout) -> bool:
-    """The trainer's own validation (the same errors it raises) accepts it."""
-    from scaletrain.config import check_pipeline
+    """The trainer's own validation (config.validate and the layout check,
+    the same errors it raises) accepts the config ``train_overrides`` prints."""
+    from scaletrain.config import DataConfig, validate
     from scaletrain.parallel.dims import ParallelDims
 
     p = ParallelConfig(dp_replicate=layout.dp_replicate, dp_shard=layout.dp_shard, tp=layout.tp, pp=layout.pp,
                        zero_stage=layout.zero_stage, pp_schedule=layout.pp_schedule,
                        pp_virtual_stages=layout.virtual_stages, pp_microbatches=layout.pp_microbatches,
-                       sequence_parallel=layout.sequence_parallel)
+                       sequence_parallel=layout.sequence_parallel, cpu_offload=layout.cpu_offload,
+                       fsdp_accumulate=layout.fsdp_accumulate,
+                       pp_rank_speeds=",".join(f"{s:g}" for s in layout.pp_rank_speeds))
+    model = w.model if w.model.name in MODEL_PRESETS else dataclasses.replace(w.model, name=_BASE_PRESET)
+    cfg = Config(model=model, data=DataConfig(seq_len=w.seq_len), parallel=p,
+                 training=TrainingConfig(micro_batch_size=layout.micro_batch, global_batch_size=w.global_batch,
+                                         dtype=w.dtype, activation_checkpointing=layout.activation_checkpointing))
     try:
         ParallelDims.from_config(p, layout.world)
-        if layout.pp > 1:
-            cfg = Config(model=w.model, parallel=p,
-                         training=TrainingConfig(micro_batch_size=layout.micro_batch,
-                                                 global_batch_size=w.global_batch))
-            check_pipeline(cfg)
+        validate(cfg)
     except UserError:
         return False
-    m = w.model
-    return m.n_heads % layout.tp == 0 and m.n_kv_heads % layout.tp == 0
+    return True
 
 
 def candidates(w: Workload, cluster: Cluster, offload: bool = True, micro_batch: int | None = None) -> list[Layout]:
@@ -108,18 +112,20 @@ def candidates(w: Workload, cluster: Cluster, offload: bool = True, micro_batch:
                     schedules = [("1f1b", 1, b)] if pp > 1 else [("1f1b", 1, 1)]
                     if pp > 1 and m.n_layers >= 2 * pp:
                         schedules.append(("interleaved_1f1b", 2, b))
+                    # A mixed cluster's pipeline: stages balanced for each rank's device (as the trainer
+                    # does with parallel.pp_rank_speeds), next to the even split.
+                    speeds = cluster.pipeline_rank_speeds(pp, w.dtype)
                     for schedule, v, mb in schedules:
                         for ac in ("none", "selective", "selective_half", "full"):
                             offloads = (False, True) if offload and stage == 3 else (False,)
                             # FSDP under accumulation: hold the full gradient, or reduce-scatter each micro-step.
                             accumulate = ("unsharded", "sharded") if (stage >= 2 and shard > 1 and pp == 1
                                                                       and per_rank > b) else ("unsharded",)
-                            for off in offloads:
-                                for acc in accumulate:
-                                    layout = Layout(rep, shard, stage, tp, pp, schedule, v, mb if pp > 1 else 1, b,
-                                                    ac, tp > 1, off, acc)
-                                    if _accepted(w, layout):
-                                        out.append(layout)
+                            for off, acc, sp in itertools.product(offloads, accumulate, {(), speeds}):
+                                layout = Layout(rep, shard, stage, tp, pp, schedule, v, mb if pp > 1 else 1, b,
+                                                ac, tp > 1, off, acc, sp)
+                                if _accepted(w, layout):
+                                    out.append(layout)
     return out
 
 
@@ -156,7 +162,7 @@ def train_overrides(w: Workload, layout: Layout) -> list[str]:
         f"parallel.cpu_offload={str(layout.cpu_offload).lower()}"]
     # A model that is no preset (a HF config.json, a custom shape) starts from
     # one and sets every shape key: the trainer accepts preset names only.
-    name = w.model.name if w.model.name in MODEL_PRESETS else next(iter(MODEL_PRESETS))
+    name = w.model.name if w.model.name in MODEL_PRESETS else _BASE_PRESET
     out.append(f"model.name={name}")
     preset = MODEL_PRESETS[name] if w.model.name in MODEL_PRESETS else {}
     for f in dataclasses.fields(ModelConfig):

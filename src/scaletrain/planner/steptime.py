@@ -40,7 +40,12 @@ def compute_parts(w: Workload, layout: Layout, dev: Device) -> dict[str, float]:
     """Seconds of one optimizer step's compute on the busiest rank, by term
     (the first or the last pipeline rank: the embedding and the head sit
     at the ends)."""
-    return max((_rank_parts(w, layout, dev, c.pp) for c in worst_ranks(layout)), key=lambda p: sum(p.values()))
+    speeds = layout.pp_rank_speeds or (1.0,) * layout.pp
+    slowest = min(speeds)
+    # Speed-aware stages on a mixed cluster: each pipeline rank's work at the
+    # weakest device's rates, scaled by how much faster its own device is.
+    return max(({k: v * slowest / speeds[c.pp] for k, v in _rank_parts(w, layout, dev, c.pp).items()}
+                for c in worst_ranks(layout)), key=lambda p: sum(p.values()))
 
 
 def _rank_parts(w: Workload, layout: Layout, dev: Device, pp_rank: int) -> dict[str, float]:

@@ -18,7 +18,7 @@ from scaletrain.model.counts import param_count
 from scaletrain.planner.communication import collectives, merge
 from scaletrain.planner.estimate import estimate
 from scaletrain.planner.layout import Layout, Workload, coord_of, param_table
-from scaletrain.planner.memory import memory_of_rank, model_state_bytes
+from scaletrain.planner.memory import memory_of_rank, model_state_bytes, saved_activation_bytes
 from scaletrain.planner.hardware import Cluster, Device
 
 # (name, layout) — each runs as its own launch of `scaletrain train`.
@@ -32,6 +32,9 @@ LAYOUTS: list[tuple[str, Layout]] = [
     ("tp 2 + sp", Layout(tp=2, sequence_parallel=True)),
     ("pp 2 1f1b", Layout(pp=2, pp_schedule="1f1b", pp_microbatches=2)),
     ("zero3 2 x tp 2", Layout(dp_shard=2, zero_stage=3, tp=2)),
+    # Two micro-steps of 2: FSDP's full gradient held between them, or reduce-scattered after each.
+    ("zero2 2 accum", Layout(dp_shard=2, zero_stage=2, micro_batch=2)),
+    ("zero2 2 accum sharded", Layout(dp_shard=2, zero_stage=2, micro_batch=2, fsdp_accumulate="sharded")),
 ]
 
 # The measured workload: big enough that compute dominates a step, small
@@ -53,7 +56,9 @@ def run_case(name: str, layout: Layout, settings: list[str], steps: int, run_dir
     nproc = layout.world
     measure = min(3, steps)  # after DDP's bucket rebuild (step 2)
     cmd = [sys.executable, "-m", "scaletrain", "train", "--nproc", str(nproc), "--run-dir", str(run_dir)]
-    for item in settings + layout.config_overrides() + [f"training.steps={steps}", f"debug.measure_step={measure}"]:
+    extra = [f"training.micro_batch_size={layout.micro_batch}", f"training.steps={steps}",
+             f"debug.measure_step={measure}"]
+    for item in settings + layout.config_overrides() + extra:
         cmd += ["--set", item]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
@@ -65,6 +70,8 @@ def run_case(name: str, layout: Layout, settings: list[str], steps: int, run_dir
 def _with_micro_batch(layout: Layout, settings: list[str]) -> Layout:
     from dataclasses import replace
 
+    if layout.micro_batch != 1:  # the layout's own micro batch (accumulation cases)
+        return layout
     mb = next(int(s.split("=")[1]) for s in settings if s.startswith("training.micro_batch_size="))
     return replace(layout, micro_batch=mb)
 
@@ -89,6 +96,9 @@ def compare(case: Case, run_dir: Path, device: Device) -> list[dict]:
             "states_predicted": predicted_states,
             "states_measured": {k: states[rank][k] for k in predicted_states},
             "peak_predicted": mem["peak"], "peak_measured": measured[rank]["peak_bytes"],
+            "activations_predicted": saved_activation_bytes(w, case.layout, c),
+            "activations_measured": measured[rank].get("saved_activation_peak_bytes"),
+            "held_grads_predicted": mem["held_full_grads"],
             "collectives_predicted": merge(collectives(w, case.layout, c)),
             "collectives_measured": measured[rank]["collectives"],
             **other_estimates(w, case.layout),

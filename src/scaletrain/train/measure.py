@@ -13,11 +13,17 @@ Both come from the PyTorch profiler, so nothing in the step changes:
   output of an all-gather, the input of a reduce-scatter, the tensor of a
   send/recv. The profiler records no element type for tensor-list
   arguments; those are counted as fp32 (the reduce dtype of every layout).
+- saved activations: ``torch.autograd.graph.saved_tensors_hooks`` sees every
+  tensor autograd keeps for backward; the peak of the distinct storages
+  alive among them (parameters and views of parameters left out) is what
+  the planner itemizes as activations. Not under activation checkpointing,
+  whose own hooks keep what it saves.
 """
 
 from __future__ import annotations
 
 import contextlib
+import weakref
 from collections import defaultdict
 
 import torch
@@ -55,12 +61,59 @@ def _numel(dims, is_list: bool) -> int:
     return n
 
 
+class _Saved:
+    """What a pack hook hands autograd: the tensor, and a weak reference
+    target whose finalizer says when autograd let it go."""
+
+    __slots__ = ("tensor", "__weakref__")
+
+    def __init__(self, tensor: torch.Tensor):
+        self.tensor = tensor
+
+
+class SavedBytes:
+    """Peak bytes of distinct storages autograd holds for backward."""
+
+    def __init__(self):
+        self.refs: dict[int, int] = defaultdict(int)
+        self.live = self.peak = 0
+
+    def pack(self, t: torch.Tensor):
+        if isinstance(t, torch.nn.Parameter) or isinstance(t._base, torch.nn.Parameter):
+            return t
+        local = getattr(t, "_local_tensor", t)  # a DTensor's shard holds its memory
+        try:
+            storage = local.untyped_storage()
+            ptr, nbytes = storage.data_ptr(), storage.nbytes()
+        except (RuntimeError, NotImplementedError):  # a tensor without storage of its own
+            return t
+        self.refs[ptr] += 1
+        if self.refs[ptr] == 1:
+            self.live += nbytes
+            self.peak = max(self.peak, self.live)
+        held = _Saved(t)
+        weakref.finalize(held, self._release, ptr, nbytes)
+        return held
+
+    def _release(self, ptr: int, nbytes: int) -> None:
+        self.refs[ptr] -= 1
+        if self.refs[ptr] == 0:
+            del self.refs[ptr]
+            self.live -= nbytes
+
+    @staticmethod
+    def unpack(held):
+        return held.tensor if isinstance(held, _Saved) else held
+
+
 class StepProbe:
     """Context manager around one step; ``result()`` afterwards."""
 
-    def __init__(self, device: torch.device, baseline_bytes: int):
+    def __init__(self, device: torch.device, baseline_bytes: int, count_saved: bool = True):
         self.device, self.baseline = device, baseline_bytes
         self.profiler = None
+        self.saved = SavedBytes() if count_saved else None
+        self.hooks = None
 
     def __enter__(self):
         from torch.profiler import ProfilerActivity, profile
@@ -71,9 +124,14 @@ class StepProbe:
         self.profiler = profile(activities=[ProfilerActivity.CPU], record_shapes=True,
                                 profile_memory=self.device.type == "cpu")
         self.profiler.__enter__()
+        if self.saved is not None:
+            self.hooks = torch.autograd.graph.saved_tensors_hooks(self.saved.pack, self.saved.unpack)
+            self.hooks.__enter__()
         return self
 
     def __exit__(self, *exc):
+        if self.hooks is not None:
+            self.hooks.__exit__(*exc)
         with contextlib.suppress(Exception):
             if self.device.type == "cuda":
                 torch.cuda.synchronize(self.device)
@@ -101,5 +159,8 @@ class StepProbe:
             peak_bytes = torch.cuda.max_memory_allocated(self.device)
         else:
             peak_bytes = self.baseline + peak
-        return {"peak_bytes": int(peak_bytes), "baseline_bytes": int(self.baseline),
-                "collectives": {k: dict(v) for k, v in sorted(collectives.items())}}
+        out = {"peak_bytes": int(peak_bytes), "baseline_bytes": int(self.baseline),
+               "collectives": {k: dict(v) for k, v in sorted(collectives.items())}}
+        if self.saved is not None:
+            out["saved_activation_peak_bytes"] = int(self.saved.peak)
+        return out
