@@ -1,10 +1,14 @@
 """The router's strategies side by side, the response cache, and a replica
 killed under load.
 
-Two engines serve the ``small`` preset (random weights, byte tokenizer); one
-is deliberately slower: 1 thread against 2 and, because on a 2-core machine
-one thread alone is not slower (README, serving threads), a step budget of
-128 tokens against 512, so that its prefills take 4 steps. Each engine's KV
+Two engines serve the ``small`` preset (random weights, byte tokenizer); the
+second is deliberately slower: ``--debug-step-delay`` makes its engine sleep
+after every step (30 ms by default, ``--step-delay``), so each of its steps
+really takes longer, as on a slower accelerator. Fewer threads is not slower
+on a machine with few cores (README, serving threads; an earlier version of
+this benchmark found its "1-thread" engine the faster one), so both engines
+get 1 thread by default (``--threads``) and the sleep alone makes the
+difference; the per-engine mean TTFT column shows it. Each engine's KV
 cache (``--kv-cache-tokens``) holds the running requests and about half of
 the groups' prefixes, as on a GPU where the cache is the scarce resource: a
 strategy that sends a group back where its prefix is cached gains, one that
@@ -14,7 +18,11 @@ workload is sent: shared-prefix groups (a 512-character "system prompt" per
 group, fresh text for every strategy so that no engine's prefix cache helps
 a later run) with three sessions (``user``) per group, streamed, greedy.
 Throughput and p50/p99 time to first token are printed with their ratio to
-round_robin, which runs first in each of ``--rounds`` rounds.
+round_robin, which runs first in each of ``--rounds`` rounds. Each router
+first gets ``--warmup`` requests that are not counted: a fresh router knows
+nothing of its backends and sends its first burst blind (half of it to the
+slow engine, whatever the strategy), and in a run of ~100 requests the p99
+is that burst.
 
 Cache: a workload in which every prompt comes three times, through a router
 with the response cache and one without. Kill: ``scaletrain serve
@@ -22,7 +30,7 @@ with the response cache and one without. Kill: ``scaletrain serve
 3 s; requests sent and failed, and p99 latency before the kill and in the
 10 s after it (the supervisor has the replica back within them).
 
-    python benchmarks/bench_fleet.py [--requests 96] [--concurrency 8] [--max-tokens 16]
+    python benchmarks/bench_fleet.py [--requests 96] [--concurrency 8] [--max-tokens 16] [--step-delay 0,0.03]
 """
 
 from __future__ import annotations
@@ -93,19 +101,29 @@ def router_counts(url: str, name: str) -> dict[str, float]:
     return out
 
 
+COUNTS = ("requests_total", "time_to_first_token_seconds_sum", "time_to_first_token_seconds_count")
+
+
 def strategies(args, engines: list[Server], work: Path, round_: int) -> list[dict]:
+    """Each strategy behind a fresh router: ``--warmup`` requests first (their
+    own prefixes; not in the numbers), so that the strategies that measure
+    the backends have measured them, as in a router that has been serving,
+    and the p99 of a short run is not the first burst sent blind."""
     rows = []
     urls = [e.url for e in engines]
     for i, strategy in enumerate(STRATEGIES):
         extra = ["--weights", "measured"] if strategy == "weighted" else []
         rt = router(strategy, urls, ["--strategy", strategy, "--no-cache", *extra], work)
         try:
+            if args.warmup:
+                asyncio.run(run_load(f"{rt.url}/v1", "fleet", workload(args.warmup, args.groups, 100 * round_ + 50 + i),
+                                     args.concurrency, args.max_tokens, args.time_limit))
+            before = {name: router_counts(rt.url, name) for name in COUNTS}
             items = workload(args.requests, args.groups, seed=100 * round_ + i)
             row = asyncio.run(run_load(f"{rt.url}/v1", "fleet", items, args.concurrency, args.max_tokens,
                                        args.time_limit))
-            sent = router_counts(rt.url, "requests_total")
-            ttft_s = router_counts(rt.url, "time_to_first_token_seconds_sum")
-            ttft_n = router_counts(rt.url, "time_to_first_token_seconds_count")
+            sent, ttft_s, ttft_n = ({u: v - before[name].get(u, 0) for u, v in router_counts(rt.url, name).items()}
+                                    for name in COUNTS)
             rows.append({"server": strategy, **row, "share": [sent.get(u, 0) / max(1, sum(sent.values())) for u in urls],
                          "engine_ttft_ms": [1e3 * ttft_s.get(u, 0) / max(1, ttft_n.get(u, 0)) for u in urls]})
         finally:
@@ -188,9 +206,9 @@ def kill_experiment(args, ckpt: Path, work: Path) -> list[str]:
             "|---|---|---|---|---|", *lines]
 
 
-def ratio_table(rows: list[dict], threads: list[int]) -> str:
+def ratio_table(rows: list[dict], labels: list[str]) -> str:
     base = rows[0]
-    shares = " / ".join(f"threads-{t}" for t in threads)
+    shares = " / ".join(labels)
     lines = [f"| strategy | req/s | x RR | TTFT p50 ms | x RR | TTFT p99 ms | x RR | requests to {shares} "
              f"| mean TTFT ms at {shares} |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
@@ -208,10 +226,14 @@ def main() -> None:
     parser.add_argument("--groups", type=int, default=8)
     parser.add_argument("--concurrency", type=int, default=8)
     parser.add_argument("--max-tokens", type=int, default=16)
-    parser.add_argument("--threads", default="2,1", help="torch threads of the two engines (the slow one last)")
-    parser.add_argument("--max-batch-tokens", default="512,128", help="step token budget of the two engines")
+    parser.add_argument("--threads", default="1,1", help="torch threads of the two engines")
+    parser.add_argument("--max-batch-tokens", default="512,512", help="step token budget of the two engines")
+    parser.add_argument("--step-delay", default="0,0.03", help="--debug-step-delay of the two engines: seconds "
+                        "slept after every step (the slow one last)")
     parser.add_argument("--kv-cache-tokens", type=int, default=5376, help="KV cache of each engine")
     parser.add_argument("--time-limit", type=float, default=180.0)
+    parser.add_argument("--warmup", type=int, default=16, help="requests through each strategy's router before "
+                        "the measured ones (0: measure from a cold router)")
     parser.add_argument("--rounds", type=int, default=2, help="every strategy once per round (the spread "
                         "between rounds is the machine's noise)")
     parser.add_argument("--skip", default="", help="comma-separated: strategies, cache, kill")
@@ -222,21 +244,25 @@ def main() -> None:
         ckpt, _ = prepare_model(None, work, export=False)
         threads = [int(t) for t in args.threads.split(",")]
         budgets = [int(b) for b in args.max_batch_tokens.split(",")]
+        delays = [float(d) for d in args.step_delay.split(",")]
         engines = []
-        for i, (t, budget) in enumerate(zip(threads, budgets)):
+        for i, (t, budget, delay) in enumerate(zip(threads, budgets, delays)):
             port = free_port()
             engines.append(Server(f"engine{i}-threads{t}", [
                 sys.executable, "-m", "scaletrain", "serve", str(ckpt), "--port", str(port), "--threads", str(t),
                 "--max-batch-tokens", str(budget), "--kv-cache-tokens", str(args.kv_cache_tokens),
-                "--served-model-name", "fleet"], port, t, work))
+                "--debug-step-delay", str(delay), "--served-model-name", "fleet"], port, t, work))
+        labels = [f"e{i} ({t} thr, +{d * 1e3:.0f} ms/step)" for i, (t, d) in enumerate(zip(threads, delays))]
         try:
             for round_ in range(1, args.rounds + 1) if "strategies" not in skip else ():
                 rows = strategies(args, engines, work, round_)
                 print(f"round {round_}: engines with threads {args.threads}, step budgets {args.max_batch_tokens}, "
+                      f"debug step delays {args.step_delay} s, "
                       f"KV cache {args.kv_cache_tokens} tokens each; {args.requests} streamed requests per "
-                      f"strategy, {args.groups} shared-prefix groups x 3 sessions, concurrency {args.concurrency}, "
+                      f"strategy after {args.warmup} warm-up ones, {args.groups} shared-prefix groups x 3 sessions, "
+                      f"concurrency {args.concurrency}, "
                       f"max_tokens {args.max_tokens}\n")
-                print(format_table(rows) + "\n\n" + ratio_table(rows, threads) + "\n", flush=True)
+                print(format_table(rows) + "\n\n" + ratio_table(rows, labels) + "\n", flush=True)
             if "cache" not in skip:
                 print("response cache, every prompt three times (least_outstanding):\n")
                 print(format_table(cache_effect(args, engines, work)) + "\n", flush=True)
