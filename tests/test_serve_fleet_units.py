@@ -100,6 +100,23 @@ def test_prefix_keeps_a_shared_prefix_on_one_backend_until_it_is_overloaded():
     assert strategy.chain("a" * 40) == strategy.chain("a" * 47) and len(strategy.chain("a" * 48)) == 3
 
 
+def test_prefix_counts_load_by_speed_once_backends_are_measured():
+    pool = backends(2)
+    strategy = Prefix(chunk_chars=16, threshold=2)
+    pool[0].ewma_cost_s, pool[1].ewma_cost_s = 0.05, 0.10  # b1 takes twice as long per request
+    system = "You are a helpful assistant. " * 4
+    strategy.routed(pool[1], RouteRequest(prompt=system + "q"))  # b1 holds the prefix
+    assert strategy.choose(pool, RouteRequest(prompt=system + "r")) is pool[1]  # idle: 1 unit, not > 0 + 2
+    pool[1].in_flight = 1  # (1 + 1) x 2 - 1 = 3 units > 0 + 2: the fast one takes it
+    assert strategy.choose(pool, RouteRequest(prompt=system + "s")) is pool[0]
+    pool[0].in_flight = 2  # plain counts would keep it on b1 (1 <= 2 + 2); by speed 3 <= 2 + 2 too
+    assert strategy.choose(pool, RouteRequest(prompt=system + "t")) is pool[1]
+    pool[0].in_flight, pool[1].in_flight = 2, 0  # a new prefix goes to the least loaded by speed: b1 (1 < 2)
+    assert strategy.choose(pool, RouteRequest(prompt="a brand new prompt, long enough")) is pool[1]
+    pool[0].in_flight = 0  # b0 (0) < b1 (1), although both are idle
+    assert strategy.choose(pool, RouteRequest(prompt="a brand new prompt, long enough")) is pool[0]
+
+
 def test_unknown_strategy_is_a_user_error():
     with pytest.raises(UserError, match="--strategy 'fastest'; allowed: round_robin"):
         make_strategy("fastest")

@@ -152,8 +152,12 @@ class Prefix(Strategy):
     """Requests sharing a prompt prefix go where it was sent before, so that
     the engine's prefix cache holds it (the vLLM production stack's
     prefix-aware routing: hashes of ``chunk_chars``-character chunks, longest
-    match wins). Where that backend has more than ``threshold`` requests in
-    flight beyond the least loaded one, the least loaded takes it instead."""
+    match wins). Where that backend's load exceeds the least loaded one's by
+    more than ``threshold`` requests, the least loaded takes it instead (and
+    new prefixes go there). Load is requests in flight weighted by speed:
+    on a backend whose measured time to first token per request is c times
+    the fastest one's, a request counts c times, so a slow replica keeps
+    only the groups it can serve (with no measurements yet: plain counts)."""
 
     name = "prefix"
 
@@ -176,11 +180,21 @@ class Prefix(Strategy):
             n += 1
         return n
 
+    @staticmethod
+    def _loads(backends: list[Backend]) -> dict[str, float]:
+        """In-flight requests in units of the fastest backend's requests."""
+        costs = [b.ewma_cost_s for b in backends if b.ewma_cost_s]
+        if len(costs) < len(backends):
+            return {b.name: float(b.in_flight) for b in backends}
+        fastest = min(costs)
+        return {b.name: (b.in_flight + 1) * b.ewma_cost_s / fastest - 1 for b in backends}
+
     def choose(self, backends, request):
         chain = self.chain(request.prompt)
-        least = _least_loaded(backends)
-        best = max(backends, key=lambda b: (self._match(b, chain), -b.in_flight))
-        if self._match(best, chain) == 0 or best.in_flight > least.in_flight + self.threshold:
+        load = self._loads(backends)
+        least = min(backends, key=lambda b: (load[b.name], b.in_flight))
+        best = max(backends, key=lambda b: (self._match(b, chain), -load[b.name]))
+        if self._match(best, chain) == 0 or load[best.name] > load[least.name] + self.threshold:
             return least
         return best
 
