@@ -13,8 +13,9 @@ STRATEGY = typer.Option("least_outstanding", "--strategy", help="round_robin, le
                         "prefix cached).")
 WEIGHTS = typer.Option(None, "--weights", help="weighted: one weight per backend/replica in order (e.g. 3,1), "
                        "or 'measured' (1 / EWMA time to first token).")
-PREFIX_THRESHOLD = typer.Option(4, "--prefix-threshold", help="prefix: in-flight requests the prefix holder may "
-                                "have beyond the least loaded before the least loaded takes the request.")
+PREFIX_THRESHOLD = typer.Option(4, "--prefix-threshold", help="prefix: load (in-flight requests, each weighted "
+                                "by its replica's measured slowness) the prefix holder may have beyond the least "
+                                "loaded before the least loaded takes the request.")
 SESSION_HEADER = typer.Option("x-session-id", "--session-header", help="session: the header naming a session "
                               "(else the request's `user`).")
 RETRIES = typer.Option(2, "--retries", help="Other backends tried when one fails before the first byte.")
