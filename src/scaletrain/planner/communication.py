@@ -37,8 +37,10 @@ class Collective:
                 "ranks": self.ranks}
 
 
-def collectives(w: Workload, layout: Layout, c: Coord, device_type: str = "cpu") -> list[Collective]:
-    """Every collective one rank takes part in during one optimizer step."""
+def collectives(w: Workload, layout: Layout, c: Coord, device_type: str = "cpu",
+                gpus_per_node: int = 0) -> list[Collective]:
+    """Every collective one rank takes part in during one optimizer step
+    (``gpus_per_node``: where a hierarchical all-reduce splits the ranks)."""
     m, out = w.model, []
     params = local_params(m, layout, c)
     n_accum = accum(w, layout)
@@ -49,8 +51,11 @@ def collectives(w: Workload, layout: Layout, c: Coord, device_type: str = "cpu")
     if layout.dp > 1 and not layout.fsdp:  # DDP (+ ZeRO-1's parameter broadcast)
         grad_bytes = sum(n for _, n, _ in params) * MASTER_BYTES
         group = "dp_shard" if layout.zero_stage == 1 else "dp_replicate"
-        out.append(Collective("all_reduce", group, grad_bytes, math.ceil(grad_bytes / DDP_BUCKET_BYTES),
-                              layout.dp))
+        if layout.zero_stage == 0 and (layout.grad_compression != "none" or layout.dp_allreduce != "flat"):
+            out += ddp_hook_collectives(layout, params, gpus_per_node, device_type)
+        else:
+            out.append(Collective("all_reduce", group, grad_bytes, math.ceil(grad_bytes / DDP_BUCKET_BYTES),
+                                  layout.dp))
         if layout.zero_stage == 1:
             out.append(Collective("broadcast", "dp_shard", grad_bytes, layout.dp_shard, layout.dp_shard))
     if layout.fsdp:
@@ -198,8 +203,9 @@ def collective_time(col: Collective, cluster: Cluster, layout: Layout) -> tuple[
     if cluster.device.allreduce_curve:
         return _measured_collective_time(col, cluster.device), link
     if col.kind == "all_reduce":
-        t = formulas.ring_all_reduce_time(col.bytes, col.ranks, bw, lat)
-        t += (col.calls - 1) * 2 * (col.ranks - 1) * lat  # latency is paid per call
+        t, algorithm = all_reduce_time(col.bytes / max(col.calls, 1), col.ranks, bw, lat)
+        t *= max(col.calls, 1)  # latency is paid per call
+        link += f", {algorithm}"
     elif col.kind in ("all_gather", "reduce_scatter"):
         t = formulas.ring_all_gather_time(col.bytes, col.ranks, bw, lat) + (col.calls - 1) * (col.ranks - 1) * lat
     elif col.kind == "broadcast":
@@ -207,6 +213,72 @@ def collective_time(col: Collective, cluster: Cluster, layout: Layout) -> tuple[
     else:  # send
         t = formulas.p2p_time(col.bytes, bw, lat * col.calls)
     return t, link
+
+
+def all_reduce_time(size: float, n: int, bandwidth: float, latency: float) -> tuple[float, str]:
+    """(seconds, "ring" or "tree") of one all-reduce call: the cheaper of the
+    ring and the binomial tree (formulas.py) for this message size and rank
+    count, as NCCL and MPICH choose per call by size."""
+    ring = formulas.ring_all_reduce_time(size, n, bandwidth, latency)
+    tree = formulas.tree_all_reduce_time(size, n, bandwidth, latency)
+    return (tree, "tree") if tree < ring else (ring, "ring")
+
+
+def ddp_hook_collectives(layout: Layout, params, gpus_per_node: int, device_type: str) -> list[Collective]:
+    """DDP's gradient exchange under the trainer's comm hooks
+    (parallel/comm_hooks.py), per step, in DDP buckets of fp32 gradients:
+
+    - hierarchical: reduce-scatter inside the node (local ranks), all-reduce
+      of the 1/local shard across nodes (each local rank's own ring, through
+      its own NIC), all-gather inside the node; on gloo the hook does an
+      in-place all-reduce in the node and one broadcast per slot instead.
+      Without a second node the trainer falls back to flat (so does this).
+    - bf16: PyTorch's bf16_compress_hook all-reduces a bf16 copy: half the bytes.
+    - powersgd:R: PyTorch's PowerSGD (Vogels, Karimireddy & Jaggi 2019,
+      "PowerSGD: Practical Low-Rank Gradient Compression for Distributed
+      Optimization", alg. 1) all-reduces P (m x R) and Q (n x R) instead of an
+      m x n matrix, in two calls per bucket, plus one call for the tensors it
+      leaves uncompressed: vectors and matrices where (m+n)·R·2 >= m·n
+      (min_compression_rate = 2, as the trainer sets it). Steady state: the
+      first step (start_powerSGD_iter = 2) is uncompressed.
+    - topk:F: each rank sends its own k = F·n largest entries as fp32 values
+      plus int32 indices. Ranks pick different indices, so the sparse vectors
+      cannot be summed element-wise on the way (a ring's reduce-scatter needs
+      aligned dense chunks; summing supports makes them denser at each hop):
+      the hook all-gathers them, 2·F·n·world elements of 4 bytes arrive per
+      rank and the bytes grow with the world size, unlike an all-reduce's."""
+    from scaletrain.config import parse_compression
+
+    numel = sum(n for _, n, _ in params)
+    grad_bytes = numel * MASTER_BYTES
+    buckets = math.ceil(grad_bytes / DDP_BUCKET_BYTES)
+    dp, kind = layout.dp, parse_compression(layout.grad_compression)
+    local = math.gcd(dp, gpus_per_node) if gpus_per_node else dp
+    if layout.dp_allreduce == "hierarchical" and 1 < dp // local and local > 1:
+        shard = grad_bytes / local
+        if device_type == "cpu":
+            return [Collective("all_reduce", "dp_node", grad_bytes, buckets, local),
+                    Collective("all_reduce", "dp_nodes", shard, buckets, dp // local),
+                    Collective("broadcast", "dp_node", grad_bytes, buckets * local, local)]
+        return [Collective("reduce_scatter", "dp_node", grad_bytes, buckets, local),
+                Collective("all_reduce", "dp_nodes", shard, buckets, dp // local),
+                Collective("all_gather", "dp_node", grad_bytes, buckets, local)]
+    if kind[0] == "bf16":
+        return [Collective("all_reduce", "dp_replicate", numel * 2, buckets, dp)]
+    if kind[0] == "powersgd":
+        rank, low, dense = kind[1], 0, 0
+        for _, n, shape in params:
+            m, k = shape[0], n // shape[0]
+            if len(shape) >= 2 and (m + k) * rank * 2 < m * k:
+                low += (m + k) * rank
+            else:
+                dense += n
+        return [Collective("all_reduce", "dp_replicate", dense * MASTER_BYTES, buckets, dp),
+                Collective("all_reduce", "dp_replicate", low * MASTER_BYTES, 2 * buckets, dp)]
+    if kind[0] == "topk":
+        k = max(buckets, int(numel * kind[1]))
+        return [Collective("all_gather", "dp_replicate", dp * k * (MASTER_BYTES + 4), 2 * buckets, dp)]
+    return [Collective("all_reduce", "dp_replicate", grad_bytes, buckets, dp)]
 
 
 def _interp(curve: tuple, x: float) -> float:
@@ -245,9 +317,12 @@ def _link(cluster: Cluster, layout: Layout, group: str) -> tuple[float, float, s
     k x the per-GPU inter-node link, at most the intra-node one. Assumption:
     one NIC per GPU, as in DGX/HGX nodes (inter_gbps is per GPU)."""
     inner = {"tp": 1, "dp_shard": layout.tp, "dp_replicate": layout.tp * layout.dp_shard,
-             "pp": layout.tp * layout.dp}
-    size = {"tp": layout.tp, "dp_shard": layout.dp_shard, "dp_replicate": layout.dp_replicate, "pp": layout.pp}
+             "pp": layout.tp * layout.dp, "dp_node": 1}
+    size = {"tp": layout.tp, "dp_shard": layout.dp_shard, "dp_replicate": layout.dp_replicate, "pp": layout.pp,
+            "dp_node": 1}
     d = cluster.device
+    if group == "dp_nodes":  # one rank per node: each local rank's own ring through its own NIC
+        return d.inter_gbps * 1e9, d.inter_latency_us * 1e-6, f"inter-node ({d.inter} x1)"
     if inner[group] * size[group] <= cluster.gpus_per_node:
         return d.intra_gbps * 1e9, d.intra_latency_us * 1e-6, f"intra-node ({d.intra})"
     rails = max(1, min(size[group], cluster.gpus_per_node // inner[group]))

@@ -4,7 +4,7 @@ arithmetic behind it for ``plan --explain``."""
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 from scaletrain.model.counts import train_flops_per_token
 from scaletrain.planner import formulas
@@ -12,6 +12,7 @@ from scaletrain.planner.communication import collectives
 from scaletrain.planner.hardware import GIB, Cluster
 from scaletrain.planner.layout import Layout, Workload, accum
 from scaletrain.planner.memory import memory_of_rank, worst_ranks
+from scaletrain.planner.rank_plan import compute_factor, rank_micro_batches, rank_speeds
 from scaletrain.planner.steptime import compute_parts, exposed_communication, host_time, offload_host_time
 
 
@@ -31,6 +32,7 @@ class Estimate:
     bubble: float = 0.0
     offload_s: float = 0.0
     step_time_s: float = 0.0
+    rank_factor: float = 1.0  # compute under layout.rank_batch / under the even split
     tokens_per_s: float = 0.0
     mfu: float = 0.0
 
@@ -40,7 +42,7 @@ class Estimate:
                 "total_gib": self.total_bytes / GIB, "fits": self.fits, "why": self.why,
                 "communication": self.comm, "comm_time_s": self.comm_time_s, "exposed_comm_s": self.exposed_comm_s,
                 "compute_parts_s": self.compute_parts_s, "host_s": self.host_s, "compute_s": self.compute_s,
-                "bubble": self.bubble, "offload_s": self.offload_s, "step_time_s": self.step_time_s,
+                "bubble": self.bubble, "rank_factor": self.rank_factor, "offload_s": self.offload_s, "step_time_s": self.step_time_s,
                 "tokens_per_s": self.tokens_per_s, "mfu": self.mfu}
 
 
@@ -51,6 +53,9 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     # faster, bigger GPUs may hold the larger stages).
     mems = [(memory_of_rank(w, layout, c, dev, device_type), cluster.pipeline_rank_memory_gib(layout.pp, c.pp))
             for c in worst_ranks(layout)]
+    # A per-rank split: each device kind's largest micro batch against its own memory.
+    mems += [(memory_of_rank(w, lay, worst_ranks(lay)[0], dev, device_type), gib)
+             for lay, gib in rank_micro_batches(w, layout, cluster)]
     est.memory, capacity_gib = max(mems, key=lambda m: m[0]["peak"] / m[1])
     est.total_bytes = est.memory.pop("peak")
     if est.total_bytes > capacity_gib * GIB:
@@ -68,11 +73,14 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     est.host_s = host_time(w, layout, dev)
     # The host issues kernels ahead of the device: whichever is slower sets the pace.
     est.compute_s = max(sum(est.compute_parts_s.values()), est.host_s)
+    # Per-rank rows on a mixed cluster: the slowest rank's share over its speed (rank_plan.py).
+    est.rank_factor = compute_factor(w, layout, cluster)
+    est.compute_s *= est.rank_factor
     # Each accumulation micro-step is its own pipeline pass (fill and drain).
     est.bubble = formulas.pipeline_bubble(layout.pp, layout.pp_microbatches, layout.virtual_stages,
                                           layout.pp_schedule)
     compute_total = est.compute_s / (1 - est.bubble)
-    colls = collectives(w, layout, worst_ranks(layout)[0], device_type)
+    colls = collectives(w, layout, worst_ranks(layout)[0], device_type, cluster.gpus_per_node)
     est.comm_time_s, est.exposed_comm_s, est.comm = exposed_communication(colls, cluster, layout, w, compute_total)
     est.offload_s = offload_host_time(w, layout, cluster)
     est.step_time_s = compute_total + sum(est.exposed_comm_s.values()) + est.offload_s
@@ -93,7 +101,15 @@ def explain(w: Workload, est: Estimate, cluster: Cluster) -> list[str]:
              + f"; peak {est.total_bytes / GIB:.2f} of {dev.memory_gib:g}"]
     parts = est.compute_parts_s
     lines.append("compute per step, s: " + " + ".join(f"{k} {v:.4f}" for k, v in parts.items())
-                 + f" = {sum(parts.values()):.4f}; host dispatch {est.host_s:.4f}; max = {est.compute_s:.4f}")
+                 + f" = {sum(parts.values()):.4f}; host dispatch {est.host_s:.4f}; max = "
+                 f"{est.compute_s / est.rank_factor:.4f}")
+    if lay.rank_batch:
+        even = estimate(w, replace(lay, rank_batch=()), cluster)
+        lines.append(f"per-rank rows {list(lay.rank_batch)} (proportional to peak x matmul_efficiency: "
+                     + ", ".join(f"{s / 1e12:.0f}" for s in rank_speeds(cluster, w.dtype))
+                     + f" TFLOP/s): compute x{est.rank_factor:.3f} of the even split's = {est.compute_s:.4f} s; "
+                     f"step {est.step_time_s:.4f} s vs {even.step_time_s:.4f} s even "
+                     f"({even.step_time_s / est.step_time_s:.2f}x)")
     lines.append(f"pipeline bubble {est.bubble:.1%}: compute / (1 - bubble) = {est.compute_s / (1 - est.bubble):.4f} s")
     lines.append("communication, s (total -> exposed): " + ", ".join(
         f"{g} {est.comm_time_s.get(g, 0):.4f} -> {est.exposed_comm_s.get(g, est.comm_time_s.get(g, 0)):.4f}"
@@ -101,8 +117,31 @@ def explain(w: Workload, est: Estimate, cluster: Cluster) -> list[str]:
     for c in est.comm:
         lines.append(f"  {c['kind']:15s} {c['group']:13s} {c['ranks']:>4} ranks {c['calls']:>6} calls "
                      f"{c['bytes'] / 1e9:10.3f} GB on {c['link']}: {c['time_s']:.4f} s")
+    lines += ddp_options(w, lay, cluster)
     if est.offload_s:
         lines.append(f"host AdamW over offloaded states: {est.offload_s:.4f} s")
     lines.append(f"step = {est.step_time_s:.4f} s -> {est.tokens_per_s:,.0f} tokens/s "
                  f"({est.tokens_per_s / cluster.gpus:,.0f} per GPU), MFU {est.mfu:.1%}")
     return lines
+
+
+DDP_OPTIONS = (("flat", "none"), ("hierarchical", "none"), ("flat", "bf16"), ("flat", "powersgd:4"),
+               ("flat", "topk:0.01"))
+
+
+def ddp_options(w: Workload, lay: Layout, cluster: Cluster) -> list[str]:
+    """Plain DDP: the step under each gradient exchange the trainer has
+    (parallel.dp_allreduce / grad_compression). The search ranks flat,
+    hierarchical and bf16; PowerSGD and top-k change the update itself
+    (lossy beyond rounding), so they are costed here, not picked."""
+    if lay.engine != "ddp" or lay.dp < 2:
+        return []
+    cells = []
+    for allreduce, compression in DDP_OPTIONS:
+        if allreduce == "hierarchical" and lay.dp <= cluster.gpus_per_node:
+            continue  # one node: the trainer falls back to flat
+        e = estimate(w, replace(lay, dp_allreduce=allreduce, grad_compression=compression), cluster)
+        name = compression if compression != "none" else allreduce
+        cells.append(f"{name} {e.step_time_s:.4f} (dp comm {e.comm_time_s['dp']:.4f})")
+    return ["DDP gradient exchange, step s: " + ", ".join(cells)
+            + "; powersgd/topk are lossy (not ranked by the search)"]

@@ -5,6 +5,8 @@ kept in their published form so the published figures can be checked.
 
 from __future__ import annotations
 
+import math
+
 
 def zero_model_state_bytes(psi: float, stage: int, n: int, k: float = 12, param_bytes: float = 2,
                            grad_bytes: float = 2) -> float:
@@ -74,6 +76,22 @@ def ring_all_reduce_time(size: float, n: int, bandwidth: float, latency: float) 
     if n <= 1:
         return 0.0
     return 2 * (n - 1) / n * size / bandwidth + 2 * (n - 1) * latency
+
+
+def tree_all_reduce_time(size: float, n: int, bandwidth: float, latency: float) -> float:
+    """Binomial-tree all-reduce, a reduce to the root then a broadcast back
+    (Thakur, Rabenseifner & Gropp 2005, "Optimization of Collective
+    Communication Operations in MPICH", sec. 4.5): 2·ceil(log2 n) steps, each
+    moving the whole message: 2·ceil(log2 n)·(α + S/B). Fewer latency terms
+    than the ring's 2(n-1)·α, a larger bandwidth term than its 2(n-1)/n·S/B,
+    so it wins for small messages and many ranks (MPICH picks by size too).
+    NCCL's double binary tree ("Massively Scale Your Deep Learning Training
+    with NCCL 2.4", NVIDIA blog 2019) claims the ring's bandwidth with
+    log-depth latency; without a measured per-algorithm curve the binomial
+    tree is the conservative choice."""
+    if n <= 1:
+        return 0.0
+    return 2 * math.ceil(math.log2(n)) * (latency + size / bandwidth)
 
 
 def ring_all_gather_time(size: float, n: int, bandwidth: float, latency: float) -> float:

@@ -208,7 +208,8 @@ class Cluster:
         smallest = min(self.kinds, key=lambda k: k[0].memory_gib)[0]
         slowest = min(self.kinds, key=lambda k: k[0].bf16 or k[0].fp16)[0]
         notes = [f"mixed cluster: planned with the smallest memory ({smallest.name}, {d.memory_gib:g} GiB) "
-                 f"and the slowest device ({slowest.name}); every rank waits for it at each collective"]
+                 f"and the slowest device ({slowest.name}); every rank waits for it at each collective, except in "
+                 "layouts with 'rows' (parallel.rank_batch: rows per rank in proportion to its device's speed)"]
         if any(k.bf16 == 0 for k, _ in self.kinds):
             notes.append("mixed cluster: not every device supports bf16; planned in fp16")
         return notes

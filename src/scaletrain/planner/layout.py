@@ -34,6 +34,9 @@ class Layout:
     cpu_offload: bool = False
     fsdp_accumulate: str = "unsharded"  # parallel.fsdp_accumulate
     pp_rank_speeds: tuple[float, ...] = ()  # parallel.pp_rank_speeds (empty = equal)
+    dp_allreduce: str = "flat"  # parallel.dp_allreduce (a DDP comm hook)
+    grad_compression: str = "none"  # parallel.grad_compression (a DDP comm hook)
+    rank_batch: tuple[int, ...] = ()  # parallel.rank_batch: rows per data-parallel rank (empty = even)
 
     @property
     def dp(self) -> int:
@@ -76,6 +79,12 @@ class Layout:
         if self.pp > 1:
             v = f" v{self.virtual_stages}" if self.virtual_stages > 1 else ""
             parts.append(f"pp {self.pp} {self.pp_schedule}{v} m{self.pp_microbatches}")
+        if self.dp_allreduce != "flat":
+            parts.append(self.dp_allreduce)
+        if self.grad_compression != "none":
+            parts.append(self.grad_compression)
+        if self.rank_batch:
+            parts.append("rows " + ",".join(map(str, self.rank_batch)))
         return " ".join(parts) or "single"
 
     def config_overrides(self) -> list[str]:
@@ -90,6 +99,13 @@ class Layout:
                     f"parallel.pp_microbatches={self.pp_microbatches}"]
         if self.pp_rank_speeds:
             out.append("parallel.pp_rank_speeds=" + ",".join(f"{s:g}" for s in self.pp_rank_speeds))
+        # The comm hooks and the per-rank split only when the planner picked them.
+        if self.dp_allreduce != "flat":
+            out.append(f"parallel.dp_allreduce={self.dp_allreduce}")
+        if self.grad_compression != "none":
+            out.append(f"parallel.grad_compression={self.grad_compression}")
+        if self.rank_batch:
+            out.append("parallel.rank_batch=" + ",".join(map(str, self.rank_batch)))
         return out
 
 
@@ -106,11 +122,15 @@ def layout_from_config(cfg, dp_replicate: int, dp_shard: int) -> Layout:
     from scaletrain.config import pipeline_microbatches, pipeline_virtual_stages
 
     p, t = cfg.parallel, cfg.training
+    from scaletrain.config import parse_rank_batch
+
     speeds = rules.parse_rank_speeds(p.pp_rank_speeds, p.pp) or ()
+    split = parse_rank_batch(p.rank_batch)
     return Layout(dp_replicate, dp_shard, p.zero_stage, p.tp, p.pp, p.pp_schedule,
                   pipeline_virtual_stages(p) if p.pp > 1 else 1, pipeline_microbatches(cfg) if p.pp > 1 else 1,
                   t.micro_batch_size, t.activation_checkpointing, p.sequence_parallel, p.cpu_offload,
-                  p.fsdp_accumulate, tuple(speeds))
+                  p.fsdp_accumulate, tuple(speeds), p.dp_allreduce, p.grad_compression,
+                  tuple(split) if isinstance(split, list) else ())
 
 
 def accum(w: Workload, layout: Layout) -> int:
@@ -201,7 +221,8 @@ def local_params(model: ModelConfig, layout: Layout, c: Coord) -> tuple[tuple[st
     """(name, local numel, shape after TP) of this rank's parameters: stage,
     then the TP shard, then FSDP's dim-0 shard over dp_shard."""
     key = dataclasses.replace(layout, micro_batch=1, pp_microbatches=1, activation_checkpointing="none",
-                              cpu_offload=False, fsdp_accumulate="unsharded")
+                              cpu_offload=False, fsdp_accumulate="unsharded",
+                              dp_allreduce="flat", grad_compression="none", rank_batch=())
     return _local_params(_key(model), key, c)
 
 

@@ -12,6 +12,7 @@ from scaletrain.errors import UserError
 from scaletrain.planner.estimate import Estimate, estimate
 from scaletrain.planner.layout import Layout, Workload
 from scaletrain.planner.hardware import GIB, Cluster
+from scaletrain.planner.rank_plan import plan_rank_batch
 
 DEFAULT_VOCAB = 32000  # for presets whose vocabulary comes from the tokenizer
 _BASE_PRESET = next(iter(MODEL_PRESETS))  # what a model that is no preset starts from in a printed command
@@ -75,7 +76,9 @@ def _accepted(w: Workload, layout: Layout) -> bool:
                        pp_virtual_stages=layout.virtual_stages, pp_microbatches=layout.pp_microbatches,
                        sequence_parallel=layout.sequence_parallel, cpu_offload=layout.cpu_offload,
                        fsdp_accumulate=layout.fsdp_accumulate,
-                       pp_rank_speeds=",".join(f"{s:g}" for s in layout.pp_rank_speeds))
+                       pp_rank_speeds=",".join(f"{s:g}" for s in layout.pp_rank_speeds),
+                       dp_allreduce=layout.dp_allreduce, grad_compression=layout.grad_compression,
+                       rank_batch=",".join(map(str, layout.rank_batch)))
     model = w.model if w.model.name in MODEL_PRESETS else dataclasses.replace(w.model, name=_BASE_PRESET)
     cfg = Config(model=model, data=DataConfig(seq_len=w.seq_len), parallel=p,
                  training=TrainingConfig(micro_batch_size=layout.micro_batch, global_batch_size=w.global_batch,
@@ -124,9 +127,22 @@ def candidates(w: Workload, cluster: Cluster, offload: bool = True, micro_batch:
                             for off, acc, sp in itertools.product(offloads, accumulate, {(), speeds}):
                                 layout = Layout(rep, shard, stage, tp, pp, schedule, v, mb if pp > 1 else 1, b,
                                                 ac, tp > 1, off, acc, sp)
-                                if _accepted(w, layout):
-                                    out.append(layout)
+                                out += [v for v in _variants(w, layout, cluster) if _accepted(w, v)]
     return out
+
+
+def _variants(w: Workload, layout: Layout, cluster: Cluster) -> list[Layout]:
+    """The layout, plain DDP's comm hooks the search ranks (hierarchical
+    across nodes, bf16 compression; estimate.ddp_options costs the lossy
+    ones), and on a mixed cluster each of them with rows per rank by speed."""
+    out = [layout]
+    if layout.engine == "ddp" and layout.dp > 1:
+        if layout.dp > cluster.gpus_per_node:
+            out.append(dataclasses.replace(layout, dp_allreduce="hierarchical"))
+        if cluster.device.bf16:  # bf16_compress_hook needs bf16 on every rank
+            out.append(dataclasses.replace(layout, grad_compression="bf16"))
+    split = plan_rank_batch(w, layout, cluster)
+    return out + [dataclasses.replace(v, rank_batch=split) for v in out] if split else out
 
 
 def search(w: Workload, cluster: Cluster, device_type: str = "cuda", micro_batch: int | None = None) -> list[Estimate]:

@@ -32,7 +32,8 @@ from scaletrain.model.counts import matmul_param_count
 from scaletrain.parallel import rules
 from scaletrain.planner.communication import DDP_BUCKET_BYTES, Collective, _interp, collective_time
 from scaletrain.planner.hardware import Cluster, Device
-from scaletrain.planner.layout import Layout, Workload, accum, fsdp_units, stage_layers, stage_param_names
+from scaletrain.planner.layout import (Layout, Workload, accum, fsdp_units, local_params, stage_layers,
+                                       stage_param_names)
 from scaletrain.planner.memory import model_state_bytes, saved_bytes_per_token, worst_ranks
 
 
@@ -193,7 +194,8 @@ def exposed_communication(colls: list[Collective], cluster: Cluster, layout: Lay
         t, link = collective_time(col, cluster, layout)
         group = col.group if col.group in ("tp", "pp", "host") else "dp"
         times[group] += t
-        if col.kind == "all_reduce" and not layout.fsdp and col.group != "tp" and col.bytes > 4:
+        if (not layout.fsdp and col.group.startswith("dp") and col.bytes > 4
+                and (col.kind != "broadcast" or layout.zero_stage == 0)):  # DDP's buckets, comm hooks included
             ddp_bytes += col.bytes
         rows.append({**col.as_dict(), "link": link, "time_s": t})
     backward_s = compute_s * 2 / 3  # backward is 4 of a step's 6 FLOPs per parameter
@@ -202,8 +204,11 @@ def exposed_communication(colls: list[Collective], cluster: Cluster, layout: Lay
         units = max(1, len(fsdp_units(w, layout, worst_ranks(layout)[0], "cuda")))
         exposed_dp = max(0.0, dp - dev.overlap * compute_s) + dev.overlap * dp / units
     elif ddp_bytes:
-        last_bucket = min(1.0, DDP_BUCKET_BYTES / ddp_bytes)
-        broadcast = sum(r["time_s"] for r in rows if r["kind"] == "broadcast")
+        # The last bucket's share: of the fp32 gradient (a comm hook's buckets are DDP's, whatever they send).
+        grads = sum(n for _, n, _ in local_params(w.model, layout, worst_ranks(layout)[0])) * rules.MASTER_BYTES
+        last_bucket = min(1.0, DDP_BUCKET_BYTES / grads)
+        # ZeRO-1's parameter broadcast follows the step (a hierarchical hook's broadcasts are in the buckets).
+        broadcast = sum(r["time_s"] for r in rows if r["kind"] == "broadcast") if layout.zero_stage == 1 else 0.0
         ar = dp - broadcast
         exposed_dp = max(0.0, ar - dev.overlap * backward_s) + dev.overlap * ar * last_bucket + broadcast
     else:
