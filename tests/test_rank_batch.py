@@ -135,3 +135,20 @@ def test_gpu_groups_resolve_and_refuse():
                           ({"name": "x", "ranks": "0", "micro_batch": 2, "gpus": 8}, "unknown key(s) gpus")]:
         with pytest.raises(UserError, match=re.escape(needle)):
             parse_gpu_groups([group])
+
+
+def test_measured_pipeline_speeds_give_the_slow_rank_fewer_layers(tmp_path, debug_config):
+    """parallel.pp_rank_speeds = auto: rank 1, slowed 3x, measures slower and
+    its stage gets fewer layers; training still matches one process."""
+    from scaletrain.observe.events import read_events
+
+    shape = BASE + ["model.n_layers=6"]
+    ref = train_many(tmp_path / "one", debug_config, {"ref": shape}, nproc=1)["ref"]
+    run = train_many(tmp_path / "two", debug_config, {"pp_auto": shape + [
+        "parallel.pp=2", "parallel.pp_rank_speeds=auto", "debug.slowdown=1:3"]}, nproc=2)["pp_auto"]
+    assert_parity(ref, run, rtol=1e-5, atol=1e-6, param_atol=1e-5)
+    event = next(e for e in read_events(run.run_dir) if e["kind"] == "pp_rank_speeds")
+    speeds = [float(s) for s in event["speeds"].split(",")]
+    assert speeds[0] == 1.0 and speeds[1] < 0.6, event
+    params = {r["rank"]: r["params_bytes"] for r in run.summary["state_bytes_by_rank"]}
+    assert params[0] > 1.5 * params[1]  # the fast rank holds more layers (and the embedding)

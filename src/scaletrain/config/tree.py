@@ -176,7 +176,8 @@ class ParallelConfig:
                                            "'sharded' reduce-scatters every micro-step (1/dp_shard of the "
                                            "gradient memory, accumulation x the traffic)", ("unsharded", "sharded"))
     pp_rank_speeds: str = _f("", "relative speed of each pipeline rank, comma-separated (e.g. '1,1,2,2' for "
-                                 "pp = 4): layers are split so stage times balance; empty = equal speeds")
+                                 "pp = 4): layers are split so stage times balance; 'auto' = measured on each "
+                                 "rank at start-up; empty = equal speeds")
 
 
 @dataclass

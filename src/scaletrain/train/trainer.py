@@ -43,7 +43,7 @@ from scaletrain.train.measure import StepProbe
 from scaletrain.train.metrics import device_peak_flops, mem_peak_bytes, memory_limit_bytes
 from scaletrain.train.optim import build_scheduler
 from scaletrain.train.precision import negotiate_precision
-from scaletrain.train.rank_batch import Slowdown, trainer_rank_rows
+from scaletrain.train.rank_batch import Slowdown, measured_pp_speeds, trainer_rank_rows
 from scaletrain.train.stop import StopRequest, agree_to_stop
 
 AUTOCAST_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -85,6 +85,7 @@ class Trainer:
         if (rank_rows := trainer_rank_rows(self, model)) is not None:  # parallel.rank_batch
             self.sampler.set_rank_rows(*rank_rows)
             self.token_normalized = True  # rows differ per rank: each token weighs 1 / the global count
+        self.cfg = cfg = measured_pp_speeds(self, model)  # parallel.pp_rank_speeds = auto
         self.model: ParallelModel = parallelize(model, self.dims, self.mesh, cfg, runtime.device, self.loss_fn)
         self.optimizer = build_optimizer(self.model, cfg)
         self.scheduler = build_scheduler(self.optimizer, cfg.training)
