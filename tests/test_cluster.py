@@ -19,6 +19,8 @@ import torch
 from cluster import finish, make_cluster, tail
 from harness import REPO, assert_parity, read_run, train_run
 
+from scaletrain.planner.verify import hook_bytes
+
 pytestmark = pytest.mark.timeout(420)
 
 BASE = ["training.global_batch_size=8", "training.micro_batch_size=2", "logging.sample_tokens=0",
@@ -82,6 +84,11 @@ def test_layouts_and_compression_across_two_nodes(cluster, tmp_path, debug_confi
         final = sum(runs[name].losses[-5:]) / 5
         assert abs(final - reference) <= margin * reference, (name, final, reference)
     assert 4.9 < runs["topk:0.1"].metrics[-1]["compression_ratio"] < 5.1  # fp32 numel / (k x (value + int32 index))
+    # The planner's costing of the same hooks (plan --verify's hook_bytes): inter-node bytes of the hierarchical
+    # all-reduce, bytes sent under each compression; within 1% (bucket padding, top-k's k rounded per bucket).
+    for name in ("hierarchical", *CONVERGENCE_MARGIN):
+        check = hook_bytes(tmp_path / "cases" / name, gpus_per_node=2)
+        assert check["predicted"] > 0 and check["measured"] == pytest.approx(check["predicted"], rel=0.01), (name, check)
 
 
 def _wait_for_steps(run_dir: Path, n: int, deadline_s: float = 150) -> None:

@@ -267,10 +267,11 @@ def ddp_hook_collectives(layout: Layout, params, gpus_per_node: int, device_type
         return [Collective("all_reduce", "dp_replicate", numel * 2, buckets, dp)]
     if kind[0] == "powersgd":
         rank, low, dense = kind[1], 0, 0
-        for _, n, shape in params:
+        for _, n, shape in params:  # PyTorch views each tensor as shape[0] x rest (a vector: n x 1)
             m, k = shape[0], n // shape[0]
-            if len(shape) >= 2 and (m + k) * rank * 2 < m * k:
-                low += (m + k) * rank
+            r = min(m, k, rank)
+            if (m + k) * r * 2 < m * k:
+                low += (m + k) * r
             else:
                 dense += n
         return [Collective("all_reduce", "dp_replicate", dense * MASTER_BYTES, buckets, dp),

@@ -160,3 +160,26 @@ def verify(device: Device, names: list[str] | None = None, steps: int = 10, sett
             if layout.world == 2:  # the calibrated entry: 2 workers sharing this machine's cores
                 times.append(step_time(case, run_dir, cluster))
     return {"ranks": rows, "step_time": times}
+
+
+def hook_bytes(run_dir: Path, gpus_per_node: int) -> dict:
+    """Predicted vs measured bytes of DDP's gradient comm hook in the last
+    step of a (multi-node) run, from its metrics.jsonl (comm_hooks.CommStats):
+    hierarchical: the bytes that cross nodes per rank (the 1/local shard);
+    compression: the bytes a rank hands to its collectives (bf16 copy,
+    PowerSGD's P, Q and uncompressed tensors, top-k's values + indices)."""
+    from scaletrain.planner.communication import ddp_hook_collectives
+    from scaletrain.planner.layout import Coord, layout_from_config, local_params
+
+    cfg = load_config(str(run_dir / "config.toml"))
+    w = workload_of(run_dir / "config.toml")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    world = summary["world_size"]
+    layout = layout_from_config(cfg, world, 1)
+    colls = ddp_hook_collectives(layout, local_params(w.model, layout, Coord()), gpus_per_node, "cpu")
+    last = [json.loads(line) for line in (run_dir / "metrics.jsonl").read_text().splitlines()][-1]
+    if layout.dp_allreduce == "hierarchical":
+        predicted = sum(c.bytes for c in colls if c.group == "dp_nodes")
+        return {"what": "inter-node bytes", "predicted": predicted, "measured": last.get("inter_node_bytes", 0)}
+    sent = sum(c.bytes for c in colls) / (world if colls[0].kind == "all_gather" else 1)  # a gather's own share
+    return {"what": "gradient bytes sent", "predicted": sent, "measured": last.get("grad_comm_bytes", 0)}
