@@ -138,3 +138,20 @@ def test_mixed_cluster_search_prints_a_rank_batch_the_trainer_accepts():
         assert cfg.parallel.rank_batch == ",".join(map(str, e.layout.rank_batch))
         # a rank's largest share is checked against its own memory at its larger micro batch
         assert e.total_bytes > 0 and math.isfinite(e.step_time_s)
+
+
+def test_a_rank_batch_split_keeps_the_held_gradient_of_its_accumulation():
+    """A faster rank's larger micro batch is planned at the job's accumulation
+    count, so FSDP's held full gradient stays (it went to 0 when the larger
+    micro batch was divided into the global batch as if it were everyone's)."""
+    from scaletrain.planner.layout import accum
+    from scaletrain.planner.memory import held_gradient_bytes, worst_ranks
+    from scaletrain.planner.rank_plan import rank_micro_batches
+
+    cluster = parse_cluster(load_catalog(), "a100-80g:8,h100-sxm:8", 16, 8)
+    w = dataclasses.replace(W, global_batch=256)
+    lay = Layout(dp_shard=16, zero_stage=2, micro_batch=8, rank_batch=(11,) * 8 + (21,) * 8)
+    assert accum(w, lay) == 2
+    rows = rank_micro_batches(w, lay, cluster)
+    assert rows and all(accum(w_rank, l) == 2 for w_rank, l, _ in rows)
+    assert all(held_gradient_bytes(w_rank, l, worst_ranks(l)[0]) > 0 for w_rank, l, _ in rows)

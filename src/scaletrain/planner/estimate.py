@@ -54,8 +54,8 @@ def estimate(w: Workload, layout: Layout, cluster: Cluster, device_type: str = "
     mems = [(memory_of_rank(w, layout, c, dev, device_type), cluster.pipeline_rank_memory_gib(layout.pp, c.pp))
             for c in worst_ranks(layout)]
     # A per-rank split: each device kind's largest micro batch against its own memory.
-    mems += [(memory_of_rank(w, lay, worst_ranks(lay)[0], dev, device_type), gib)
-             for lay, gib in rank_micro_batches(w, layout, cluster)]
+    mems += [(memory_of_rank(w_rank, lay, worst_ranks(lay)[0], dev, device_type), gib)
+             for w_rank, lay, gib in rank_micro_batches(w, layout, cluster)]
     est.memory, capacity_gib = max(mems, key=lambda m: m[0]["peak"] / m[1])
     est.total_bytes = est.memory.pop("peak")
     if est.total_bytes > capacity_gib * GIB:

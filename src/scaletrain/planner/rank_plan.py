@@ -55,10 +55,12 @@ def compute_factor(w: Workload, layout: Layout, cluster: Cluster) -> float:
     return max(r / s for r, s in zip(layout.rank_batch, speeds)) / even
 
 
-def rank_micro_batches(w: Workload, layout: Layout, cluster: Cluster) -> list[tuple[Layout, float]]:
-    """(layout at a rank's largest micro batch, that rank's memory GiB) per
-    device kind: a faster rank cuts its larger share into the job's
-    accumulation micro-steps (train.rank_batch), so its activations grow."""
+def rank_micro_batches(w: Workload, layout: Layout, cluster: Cluster) -> list[tuple[Workload, Layout, float]]:
+    """(workload and layout at a rank's largest micro batch, that rank's memory
+    GiB) per device kind: a faster rank cuts its larger share into the job's
+    accumulation micro-steps (train.rank_batch), so its activations grow; the
+    workload's batch is scaled so that the accumulation count (and with it
+    FSDP's held gradient) stays the job's."""
     if not layout.rank_batch:
         return []
     n_accum = accum(w, layout)
@@ -67,4 +69,5 @@ def rank_micro_batches(w: Workload, layout: Layout, cluster: Cluster) -> list[tu
         micro = math.ceil(rows / n_accum)
         if micro > worst.get(device.name, (0, 0.0))[0]:
             worst[device.name] = (micro, device.memory_gib)
-    return [(dataclasses.replace(layout, micro_batch=m), gib) for m, gib in worst.values()]
+    return [(dataclasses.replace(w, global_batch=m * layout.dp * n_accum), dataclasses.replace(layout, micro_batch=m),
+             gib) for m, gib in worst.values()]
