@@ -196,6 +196,9 @@ def plan(
     name: str = typer.Option("local-cpu", "--name", help="Hardware entry that --calibrate writes and --verify uses."),
     nproc: int = typer.Option(2, "--nproc", help="Workers per machine for --calibrate."),
     layouts: Optional[str] = typer.Option(None, "--layouts", help="--verify: comma-separated subset of layouts."),
+    nodes: int = typer.Option(1, "--nodes", help="--verify: 2 runs layouts that span two network-namespace nodes "
+                              "(root; 127.0.0.1 otherwise) and checks the comm hooks' bytes."),
+    link_rate: str = typer.Option("200mbit", "--link-rate", help="--verify --nodes 2: the inter-node link's tc rate."),
     micro_batch: Optional[int] = typer.Option(None, "--micro-batch", help="Only layouts with this micro batch."),
     explain: Optional[int] = typer.Option(None, "--explain", help="Print the arithmetic of the N-th layout."),
     min_gpus: bool = typer.Option(False, "--min-gpus", help="How many GPUs of --gpu the job needs: a scaling "
@@ -213,7 +216,7 @@ def plan(
     if calibrate:
         raise typer.Exit(plan_cli.run_calibrate(name, nproc, hardware))
     if verify:
-        raise typer.Exit(plan_cli.run_verify(name, hardware, layouts, as_json))
+        raise typer.Exit(plan_cli.run_verify(name, hardware, layouts, as_json, nodes, link_rate))
     raise typer.Exit(plan_cli.run_plan(model, gpus, gpu, gpus_per_node, seq_len, global_batch, dtype, config, top,
                                        as_json, hardware, micro_batch, explain, min_gpus, max_gpus))
 

@@ -150,8 +150,13 @@ def _dispatch(curve: tuple) -> str:
                       for x, b, m in curve)
 
 
-def run_verify(name: str, hardware: Path | None, layouts: str | None, as_json: bool) -> int:
-    from scaletrain.planner.verify import LAYOUTS, verify
+def run_verify(name: str, hardware: Path | None, layouts: str | None, as_json: bool, nodes: int = 1,
+               link_rate: str = "200mbit") -> int:
+    from scaletrain.planner.verify import LAYOUTS, NODE_LAYOUTS, verify
+
+    if nodes not in (1, 2):
+        raise UserError(f"--nodes = {nodes}; allowed: 1 (this machine) or 2 (two network-namespace nodes)")
+    known = NODE_LAYOUTS if nodes > 1 else LAYOUTS  # layouts that span nodes, or this machine's
 
     catalog = load_catalog(hardware)
     if name not in catalog:
@@ -160,10 +165,15 @@ def run_verify(name: str, hardware: Path | None, layouts: str | None, as_json: b
     names = None
     if layouts:
         names = [n.strip() for n in layouts.split(",")]
-        unknown = [n for n in names if n not in dict(LAYOUTS)]
+        unknown = [n for n in names if n not in dict(known)]
         if unknown:
-            raise UserError(f"--layouts: unknown {unknown}; allowed: {', '.join(n for n, _ in LAYOUTS)}")
-    result = verify(device, names, progress=lambda msg: print(msg, file=sys.stderr))
+            raise UserError(f"--layouts: unknown {unknown}; allowed: {', '.join(n for n, _ in known)}")
+    try:
+        result = verify(device, names, progress=lambda msg: print(msg, file=sys.stderr), nodes=nodes,
+                        link_rate=link_rate)
+    except RuntimeError as exc:  # a measured run failed: its own output says why
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if as_json:
         print(json.dumps(result, indent=1))
         return 0
@@ -186,6 +196,14 @@ def run_verify(name: str, hardware: Path | None, layouts: str | None, as_json: b
                       f"{r['held_grads_predicted'] / 2**20:.2f}",
                       ("exact: " if same else f"MISMATCH predicted {r['collectives_predicted']}: ") + coll)
     console.print(table)
+    if result.get("hooks"):
+        hooks = Table(title=f"DDP comm hooks across {nodes} nodes, bytes per rank in the last step")
+        for col in ("layout", "what", "predicted", "measured", "error"):
+            hooks.add_column(col, justify="right")
+        for h in result["hooks"]:
+            hooks.add_row(h["layout"], h["what"], f"{h['predicted']:,.0f}", f"{h['measured']:,.0f}",
+                          f"{h['predicted'] / h['measured'] - 1:+.1%}" if h["measured"] else "-")
+        console.print(hooks)
     others = Table(title="rank 0, MiB: ours and two common estimators vs measured (peak; model states)")
     for col in ("layout", "peak measured", "scaletrain", "HF accelerate estimate-memory", "states measured",
                 "scaletrain ", "DeepSpeed ZeRO estimator"):

@@ -37,6 +37,17 @@ LAYOUTS: list[tuple[str, Layout]] = [
     ("zero2 2 accum sharded", Layout(dp_shard=2, zero_stage=2, micro_batch=2, fsdp_accumulate="sharded")),
 ]
 
+# Layouts that span nodes (``plan --verify --nodes 2``): ranks split evenly
+# over the nodes of a network-namespace cluster with a shaped inter-node link.
+# (Compression hooks are left out: measure_step's collective probe counts
+# their buckets at full width, so only their wire bytes are checked, by
+# hook_bytes in tests/test_cluster.py.)
+NODE_LAYOUTS: list[tuple[str, Layout]] = [
+    ("ddp 2x1", Layout(dp_replicate=2)),
+    ("zero3 2x1", Layout(dp_shard=2, zero_stage=3)),
+    ("ddp 2x2 hierarchical", Layout(dp_replicate=4, micro_batch=2, dp_allreduce="hierarchical")),
+]
+
 # The measured workload: big enough that compute dominates a step, small
 # enough to run on 2 CPU cores in seconds.
 VERIFY_SETTINGS = ["model.name=small", "data.source=stdlib", "data.tokenizer=byte", "data.seq_len=256",
@@ -51,20 +62,42 @@ class Case:
     summary: dict
 
 
-def run_case(name: str, layout: Layout, settings: list[str], steps: int, run_dir: Path, timeout: float = 600) -> Case:
+def run_case(name: str, layout: Layout, settings: list[str], steps: int, run_dir: Path, timeout: float = 600,
+             nodes: int = 1, link_rate: str | None = None) -> Case:
     layout = _with_micro_batch(layout, settings)
     nproc = layout.world
     measure = min(3, steps)  # after DDP's bucket rebuild (step 2)
-    cmd = [sys.executable, "-m", "scaletrain", "train", "--nproc", str(nproc), "--run-dir", str(run_dir)]
     extra = [f"training.micro_batch_size={layout.micro_batch}", f"training.steps={steps}",
              f"debug.measure_step={measure}"]
-    for item in settings + layout.config_overrides() + extra:
-        cmd += ["--set", item]
+    sets = [a for item in settings + layout.config_overrides() + extra for a in ("--set", item)]
     env = {**os.environ, "OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // nproc))}
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
-    if proc.returncode != 0:
-        raise RuntimeError(f"{name}: scaletrain train exited {proc.returncode}:\n{proc.stderr[-3000:]}")
+    if nodes > 1:
+        _run_on_nodes(name, nodes, nproc // nodes, ["-m", "scaletrain", "train", "--run-dir", str(run_dir), *sets],
+                      env, link_rate, timeout)
+    else:
+        cmd = [sys.executable, "-m", "scaletrain", "train", "--nproc", str(nproc), "--run-dir", str(run_dir), *sets]
+        proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, env=env)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{name}: scaletrain train exited {proc.returncode}:\n{proc.stderr[-3000:]}")
     return Case(name, layout, json.loads((run_dir / "summary.json").read_text()))
+
+
+def _run_on_nodes(name: str, nodes: int, per_node: int, argv: list[str], env: dict, link_rate: str | None,
+                  timeout: float) -> None:
+    """One torchrun agent per node of a network-namespace cluster (c10d
+    rendezvous across the shaped link; 127.0.0.1 where namespaces cannot be
+    made, said on stderr)."""
+    from scaletrain.launch.netns import finish, make_cluster, tail
+
+    with make_cluster(nodes, rate=link_rate, env=env) as cluster:
+        if not cluster.namespaced:
+            print(f"note: {name}: nodes on 127.0.0.1 ({cluster.why_not_namespaces})", file=sys.stderr)
+        port = cluster.free_port()
+        agents = [cluster.agent(node, per_node, port, argv, nnodes=str(nodes), run_id=f"verify{os.getpid()}")
+                  for node in range(nodes)]
+        outputs = finish(agents, timeout)
+    if any(agent.returncode for agent in agents):
+        raise RuntimeError(f"{name}: an agent exited non-zero:\n{tail(outputs)}")
 
 
 def _with_micro_batch(layout: Layout, settings: list[str]) -> Layout:
@@ -81,8 +114,9 @@ def workload_of(summary_cfg_path: Path) -> Workload:
     return Workload(cfg.model, cfg.data.seq_len, cfg.training.global_batch_size, cfg.training.dtype)
 
 
-def compare(case: Case, run_dir: Path, device: Device) -> list[dict]:
-    """One row per rank: predicted vs measured."""
+def compare(case: Case, run_dir: Path, device: Device, gpus_per_node: int = 0) -> list[dict]:
+    """One row per rank: predicted vs measured (``gpus_per_node``: how the
+    ranks sit on nodes, for the hierarchical all-reduce; 0 = one node)."""
     w = workload_of(run_dir / "config.toml")
     rows = []
     states = {r["rank"]: r for r in case.summary["state_bytes_by_rank"]}
@@ -99,7 +133,7 @@ def compare(case: Case, run_dir: Path, device: Device) -> list[dict]:
             "activations_predicted": saved_activation_bytes(w, case.layout, c),
             "activations_measured": measured[rank].get("saved_activation_peak_bytes"),
             "held_grads_predicted": mem["held_full_grads"],
-            "collectives_predicted": merge(collectives(w, case.layout, c)),
+            "collectives_predicted": merge(collectives(w, case.layout, c, gpus_per_node=gpus_per_node)),
             "collectives_measured": measured[rank]["collectives"],
             **other_estimates(w, case.layout),
         })
@@ -145,8 +179,13 @@ def step_time(case: Case, run_dir: Path, cluster: Cluster) -> dict:
 
 
 def verify(device: Device, names: list[str] | None = None, steps: int = 10, settings: list[str] | None = None,
-           keep: Path | None = None, progress=print) -> dict:
+           keep: Path | None = None, progress=print, nodes: int = 1, link_rate: str | None = "200mbit") -> dict:
+    """Measured vs predicted per rank; with ``nodes`` > 1 the NODE_LAYOUTS on a
+    namespace cluster, adding the comm hooks' bytes (hook_bytes) and leaving
+    out step time (the shaped link has no hardware entry to predict with)."""
     settings = settings or VERIFY_SETTINGS
+    if nodes > 1:
+        return _verify_nodes(device, names, steps, settings, keep, progress, nodes, link_rate)
     selected = [(n, l) for n, l in LAYOUTS if names is None or n in names]
     cluster = Cluster(((device, 2),), gpus_per_node=max(l.world for _, l in selected))
     rows, times = [], []
@@ -160,6 +199,22 @@ def verify(device: Device, names: list[str] | None = None, steps: int = 10, sett
             if layout.world == 2:  # the calibrated entry: 2 workers sharing this machine's cores
                 times.append(step_time(case, run_dir, cluster))
     return {"ranks": rows, "step_time": times}
+
+
+def _verify_nodes(device: Device, names, steps: int, settings: list[str], keep, progress, nodes: int,
+                  link_rate: str | None) -> dict:
+    selected = [(n, l) for n, l in NODE_LAYOUTS if names is None or n in names]
+    rows, hooks = [], []
+    with tempfile.TemporaryDirectory(prefix="scaletrain-verify-") as tmp:
+        root = keep or Path(tmp)
+        for name, layout in selected:
+            run_dir = root / name.replace(" ", "_").replace(":", "")
+            progress(f"running {name} ({nodes} nodes x {layout.world // nodes} process(es), link {link_rate})")
+            case = run_case(name, layout, settings, steps, run_dir, nodes=nodes, link_rate=link_rate)
+            rows += compare(case, run_dir, device, gpus_per_node=layout.world // nodes)
+            if layout.dp_allreduce != "flat" or layout.grad_compression != "none":
+                hooks.append({"layout": name, **hook_bytes(run_dir, layout.world // nodes)})
+    return {"ranks": rows, "hooks": hooks, "step_time": []}
 
 
 def hook_bytes(run_dir: Path, gpus_per_node: int) -> dict:
