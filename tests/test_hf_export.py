@@ -27,7 +27,7 @@ def exported(tmp_path_factory, debug_config):
 
 
 def test_exported_tokenizer_is_the_byte_tokenizer_with_eos_and_chat_template(exported):
-    from scaletrain.checkpoint.hf_tokenizer import render_default_chat
+    from scaletrain.data.chat import render_default_chat
     from scaletrain.data.tokenizer import ByteTokenizer
 
     tok = transformers.AutoTokenizer.from_pretrained(str(exported["hf"]))

@@ -1,5 +1,5 @@
 """A checkpoint's tokenizer as HF files (tokenizer.json, tokenizer_config.json
-with the EOS token and a chat template), and the chat template itself.
+with the EOS token and the chat template of ``scaletrain.data.chat``).
 
 The byte tokenizer becomes a byte-level BPE without merges whose vocabulary
 maps GPT-2's byte-to-unicode alphabet (Radford et al. 2019) to ids 0..255,
@@ -11,11 +11,11 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from scaletrain.data.chat import CHAT_TEMPLATE, render_chat, render_default_chat  # noqa: F401 (re-exported)
+from scaletrain.data.chat import CHAT_TEMPLATE
 from scaletrain.data.tokenizer import ByteTokenizer, HFTokenizer
-from scaletrain.errors import UserError
 
 BYTE_EOS = "<|endoftext|>"
+
 
 def _bytes_to_unicode() -> dict[int, str]:
     """GPT-2's reversible byte -> printable character map."""

@@ -232,7 +232,7 @@ def validate(cfg: Config) -> None:
     parse_supported_dtypes(cfg.debug.supported_dtypes)
     if p.pp > 1:
         check_pipeline(cfg)
-    if p.pp_rank_speeds.strip() and p.pp_rank_speeds.strip() != "auto":
+    if p.pp_rank_speeds.strip():
         from scaletrain.parallel.rules import parse_rank_speeds  # torch-free
 
         try:

@@ -33,6 +33,11 @@ from scaletrain.parallel.tensor_parallel import apply_tensor_parallel
 _WRAPPER_NAMES = {"module", "_checkpoint_wrapped_module", "_orig_mod"}
 
 
+def full_value(t: torch.Tensor) -> torch.Tensor:
+    """A DTensor's full value (e.g. a vocab-sharded loss under TP), or the tensor itself."""
+    return t.full_tensor() if isinstance(t, DTensor) else t
+
+
 def canonical_name(name: str) -> str:
     """A parameter's name in the plain single model, without wrapper components."""
     return ".".join(piece for piece in name.split(".") if piece not in _WRAPPER_NAMES)

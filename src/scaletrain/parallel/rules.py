@@ -128,9 +128,10 @@ def stage_speeds(rank_speeds: Sequence[float] | None, pp: int, virtual: int, sch
 
 
 def parse_rank_speeds(spec: str, pp: int) -> list[float] | None:
-    """``parallel.pp_rank_speeds``: '' (equal) or PP comma-separated positive
-    numbers. Raises ValueError with what is wrong."""
-    if not spec.strip():
+    """``parallel.pp_rank_speeds``: '' (equal), 'auto' (measured at start-up:
+    equal until then) or PP comma-separated positive numbers. Raises
+    ValueError with what is wrong."""
+    if spec.strip() in ("", "auto"):
         return None
     try:
         values = [float(x) for x in spec.split(",")]

@@ -124,8 +124,7 @@ def layout_from_config(cfg, dp_replicate: int, dp_shard: int) -> Layout:
     p, t = cfg.parallel, cfg.training
     from scaletrain.config import parse_rank_batch
 
-    # 'auto' is measured at start-up; before that (the memory pre-flight) stages count as equal.
-    speeds = () if p.pp_rank_speeds.strip() == "auto" else rules.parse_rank_speeds(p.pp_rank_speeds, p.pp) or ()
+    speeds = rules.parse_rank_speeds(p.pp_rank_speeds, p.pp) or ()
     split = parse_rank_batch(p.rank_batch)
     return Layout(dp_replicate, dp_shard, p.zero_stage, p.tp, p.pp, p.pp_schedule,
                   pipeline_virtual_stages(p) if p.pp > 1 else 1, pipeline_microbatches(cfg) if p.pp > 1 else 1,

@@ -184,37 +184,23 @@ def verify(device: Device, names: list[str] | None = None, steps: int = 10, sett
     namespace cluster, adding the comm hooks' bytes (hook_bytes) and leaving
     out step time (the shaped link has no hardware entry to predict with)."""
     settings = settings or VERIFY_SETTINGS
-    if nodes > 1:
-        return _verify_nodes(device, names, steps, settings, keep, progress, nodes, link_rate)
-    selected = [(n, l) for n, l in LAYOUTS if names is None or n in names]
+    selected = [(n, l) for n, l in (NODE_LAYOUTS if nodes > 1 else LAYOUTS) if names is None or n in names]
     cluster = Cluster(((device, 2),), gpus_per_node=max(l.world for _, l in selected))
-    rows, times = [], []
+    rows, times, hooks = [], [], []
     with tempfile.TemporaryDirectory(prefix="scaletrain-verify-") as tmp:
         root = keep or Path(tmp)
         for name, layout in selected:
-            run_dir = root / name.replace(" ", "_").replace("+", "")
-            progress(f"running {name} ({layout.world} process{'es' if layout.world > 1 else ''})")
-            case = run_case(name, layout, settings, steps, run_dir)
-            rows += compare(case, run_dir, device)
-            if layout.world == 2:  # the calibrated entry: 2 workers sharing this machine's cores
-                times.append(step_time(case, run_dir, cluster))
-    return {"ranks": rows, "step_time": times}
-
-
-def _verify_nodes(device: Device, names, steps: int, settings: list[str], keep, progress, nodes: int,
-                  link_rate: str | None) -> dict:
-    selected = [(n, l) for n, l in NODE_LAYOUTS if names is None or n in names]
-    rows, hooks = [], []
-    with tempfile.TemporaryDirectory(prefix="scaletrain-verify-") as tmp:
-        root = keep or Path(tmp)
-        for name, layout in selected:
-            run_dir = root / name.replace(" ", "_").replace(":", "")
-            progress(f"running {name} ({nodes} nodes x {layout.world // nodes} process(es), link {link_rate})")
+            run_dir = root / name.replace(" ", "_").replace("+", "").replace(":", "")
+            per_node = layout.world // nodes
+            where = f"{nodes} nodes x {per_node}, link {link_rate}" if nodes > 1 else str(layout.world)
+            progress(f"running {name} ({where} process{'es' if layout.world > 1 else ''})")
             case = run_case(name, layout, settings, steps, run_dir, nodes=nodes, link_rate=link_rate)
-            rows += compare(case, run_dir, device, gpus_per_node=layout.world // nodes)
-            if layout.dp_allreduce != "flat" or layout.grad_compression != "none":
-                hooks.append({"layout": name, **hook_bytes(run_dir, layout.world // nodes)})
-    return {"ranks": rows, "hooks": hooks, "step_time": []}
+            rows += compare(case, run_dir, device, gpus_per_node=per_node if nodes > 1 else 0)
+            if nodes > 1 and (layout.dp_allreduce != "flat" or layout.grad_compression != "none"):
+                hooks.append({"layout": name, **hook_bytes(run_dir, per_node)})
+            elif nodes == 1 and layout.world == 2:  # the calibrated entry: 2 workers sharing this machine's cores
+                times.append(step_time(case, run_dir, cluster))
+    return {"ranks": rows, "hooks": hooks, "step_time": times}
 
 
 def hook_bytes(run_dir: Path, gpus_per_node: int) -> dict:

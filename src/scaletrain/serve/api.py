@@ -20,7 +20,7 @@ from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-from scaletrain.checkpoint.hf_tokenizer import render_chat
+from scaletrain.data.chat import render_chat
 from scaletrain.serve.async_engine import AsyncEngine
 from scaletrain.serve.engine import ChoiceOutput
 from scaletrain.serve.metrics import ServeMetrics

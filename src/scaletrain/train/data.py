@@ -8,7 +8,7 @@ from dataclasses import dataclass
 
 from scaletrain.config import Config
 from scaletrain.data import DistributedBatchSampler, Rows, TokenCorpus
-from scaletrain.train.checks import build_sampler, check_data, prepare_data, resolve_vocab, wait_for_data
+from scaletrain.train.checks import build_sampler, prepare_data, resolve_vocab, training_rows, wait_for_data
 
 
 @dataclass
@@ -33,5 +33,6 @@ def load_data(cfg: Config, runtime, dp_rank: int, dp_size: int, show_progress: b
     if runtime.local_rank != 0:
         corpus, val_corpus = prepare_data(cfg, show_progress=False)
     cfg = resolve_vocab(cfg, corpus.tokenizer.vocab_size)
-    rows, val_rows = check_data(cfg, corpus, val_corpus)
+    rows, val_rows = training_rows(cfg, corpus, val_corpus)
+    # The sampler checks that one step can be filled (check_data's test, done once here).
     return TrainingData(cfg, corpus, rows, val_rows, build_sampler(cfg, rows, dp_rank, dp_size))

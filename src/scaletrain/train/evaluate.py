@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.distributed.fsdp import FSDPModule
 
 from scaletrain.data import Rows
+from scaletrain.parallel.compose import full_value
 
 
 def eval_rows(val: Rows, global_batch_size: int, max_batches: int, dp_rank: int, dp_size: int) -> list[int]:
@@ -41,9 +42,9 @@ def validation_loss(trainer) -> dict:
                 if model.pipeline is not None:
                     losses = model.pipeline.eval(batch)
                     if losses:
-                        loss_sum += sum(_local(l).double() for l in losses)
+                        loss_sum += sum(full_value(l).double() for l in losses)
                 else:
-                    loss_sum += _local(trainer.loss_fn(model(batch.inputs, **batch.model_kwargs()),
+                    loss_sum += full_value(trainer.loss_fn(model(batch.inputs, **batch.model_kwargs()),
                                                        batch.targets)).double()
     finally:
         trainer.loss_divisor = previous
@@ -75,7 +76,3 @@ def _sum_over(t: torch.Tensor, group) -> torch.Tensor:
     t = t.clone()
     dist.all_reduce(t, group=group)
     return t
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if hasattr(t, "full_tensor") else t

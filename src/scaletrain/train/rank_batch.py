@@ -172,51 +172,43 @@ def resolve_rank_rows(cfg: Config, rank: int, world: int, accum: int, probe,
     return split, None
 
 
-def trainer_rank_rows(trainer, model: torch.nn.Module) -> tuple[list[int], list[int] | None] | None:
-    """(rows, micro-steps) per data-parallel rank for ``trainer`` (before its model is
-    wrapped: ``auto`` times the plain ``model`` on one micro batch)."""
+def model_rows_per_s(trainer, model: torch.nn.Module) -> float:
+    """This rank's rows/s through the plain (not yet wrapped) ``model``:
+    forward + backward of one micro batch, in the training dtype."""
     import numpy as np
 
     from scaletrain.model import cross_entropy_loss
 
     dtype = {"bf16": torch.bfloat16, "fp16": torch.float16}.get(trainer.cfg.training.dtype)
+    batch = trainer.make_batch(trainer.rows, np.arange(trainer.cfg.training.micro_batch_size))
+    with torch.autocast(batch.inputs.device.type, dtype=dtype, enabled=dtype is not None):
+        return probe_rows_per_s(lambda: cross_entropy_loss(model(batch.inputs, **batch.model_kwargs()),
+                                                           batch.targets).backward(),
+                                len(batch.inputs), batch.inputs.device, model, trainer.slowdown)
 
-    def probe() -> float:
-        batch = trainer.make_batch(trainer.rows, np.arange(trainer.cfg.training.micro_batch_size))
-        with torch.autocast(batch.inputs.device.type, dtype=dtype, enabled=dtype is not None):
-            return probe_rows_per_s(lambda: cross_entropy_loss(model(batch.inputs, **batch.model_kwargs()),
-                                                               batch.targets).backward(),
-                                    len(batch.inputs), batch.inputs.device, model, trainer.slowdown)
 
+def trainer_rank_rows(trainer, model: torch.nn.Module) -> tuple[list[int], list[int] | None] | None:
+    """(rows, micro-steps) per data-parallel rank for ``trainer`` (before its model is
+    wrapped: ``auto`` times the plain ``model`` on one micro batch)."""
     runtime = trainer.runtime
-    return resolve_rank_rows(trainer.cfg, runtime.rank, runtime.world_size, trainer.accum, probe, trainer.run_dir)
+    return resolve_rank_rows(trainer.cfg, runtime.rank, runtime.world_size, trainer.accum,
+                             lambda: model_rows_per_s(trainer, model), trainer.run_dir)
 
 
 def measured_pp_speeds(trainer, model: torch.nn.Module) -> Config:
-    """``parallel.pp_rank_speeds = auto``: every rank times the whole model's
-    forward + backward on one micro batch (the probe ``rank_batch = auto``
-    uses); a pipeline rank's speed is its slowest replica's (a stage waits
-    for it), and the config then carries the measured speeds, so the one
-    stage rule (parallel.rules.stage_layer_ranges) splits the layers."""
+    """``parallel.pp_rank_speeds = auto``: every rank times the whole model
+    (model_rows_per_s, the probe ``rank_batch = auto`` uses); a pipeline
+    rank's speed is its slowest replica's (a stage waits for it), and the
+    config then carries the measured speeds, so the one stage rule
+    (parallel.rules.stage_layer_ranges) splits the layers."""
     cfg, runtime = trainer.cfg, trainer.runtime
     if cfg.parallel.pp_rank_speeds.strip() != "auto":
         return cfg
     import dataclasses
 
-    import numpy as np
-
-    from scaletrain.model import cross_entropy_loss
-
-    batch = trainer.make_batch(trainer.rows, np.arange(cfg.training.micro_batch_size))
-    mine = probe_rows_per_s(lambda: cross_entropy_loss(model(batch.inputs, **batch.model_kwargs()),
-                                                       batch.targets).backward(),
-                            len(batch.inputs), batch.inputs.device, model, trainer.slowdown)
-    speeds = [0.0] * runtime.world_size
-    dist.all_gather_object(speeds, mine)
-    pp_rank = trainer.mesh["pp"].get_local_rank()
-    ranks = [0] * runtime.world_size
-    dist.all_gather_object(ranks, pp_rank)
-    per_stage = [min(s for s, r in zip(speeds, ranks) if r == k) for k in range(trainer.dims.pp)]
+    measured = [(0, 0.0)] * runtime.world_size  # (pipeline rank, rows/s) of every rank
+    dist.all_gather_object(measured, (trainer.mesh["pp"].get_local_rank(), model_rows_per_s(trainer, model)))
+    per_stage = [min(s for r, s in measured if r == k) for k in range(trainer.dims.pp)]
     spec = ",".join(f"{s / max(per_stage):.4g}" for s in per_stage)
     if runtime.is_main:
         detail = (f"parallel.pp_rank_speeds = auto: measured rows/s per pipeline rank "
@@ -224,4 +216,3 @@ def measured_pp_speeds(trainer, model: torch.nn.Module) -> Config:
         append_event(trainer.run_dir, "pp_rank_speeds", 0, runtime.rank, detail, rows_per_s=per_stage, speeds=spec)
         print(detail, file=sys.stderr)
     return dataclasses.replace(cfg, parallel=dataclasses.replace(cfg.parallel, pp_rank_speeds=spec))
-

@@ -18,7 +18,6 @@ from pathlib import Path
 
 import torch
 import torch.distributed as dist
-from torch.distributed.tensor import DTensor
 from torch.distributed.tensor.parallel import loss_parallel
 
 from scaletrain.checkpoint import CheckpointManager, find_resume_dir
@@ -32,6 +31,7 @@ from scaletrain.observe.breakdown import ResourceSampler, StepTimer, find_stragg
 from scaletrain.observe.events import append_event, read_events
 from scaletrain.observe.recorder import Recorder, build_recorder, read_records, truncate_records
 from scaletrain.parallel import ParallelDims, ParallelModel, build_optimizer, clip_grad_norm, parallelize
+from scaletrain.parallel.compose import full_value
 from scaletrain.parallel.runtime import Runtime, bind_training_thread
 from scaletrain.train import report
 from scaletrain.train.checks import grad_accum_steps
@@ -204,7 +204,7 @@ class Trainer:
                     with self.timer.phase("forward_s"):
                         losses = self.model.pipeline.step(batch)
                     if losses:  # the rank holding the last stage
-                        loss_sum += _local(torch.stack([_local(l.detach()) for l in losses]).sum())
+                        loss_sum += full_value(torch.stack([full_value(l.detach()) for l in losses]).sum())
                     continue
                 # Gradients are reduced once, on the last micro-step.
                 with self.model.gradient_sync(micro == len(step.micro) - 1):  # [[gpu_groups]]: per rank
@@ -218,7 +218,7 @@ class Trainer:
                     with self.timer.phase("backward_s"):
                         (self.scaler.scale(loss) if self.scaler else loss).backward()
                     self.slowdown.pace(micro_start)  # debug.slowdown
-            loss_sum += _local(loss.detach())
+            loss_sum += full_value(loss.detach())
         if self.scaler:
             self.scaler.unscale_(self.optimizer)
         if self.memory is None:  # the first step this process runs
@@ -421,7 +421,3 @@ class Trainer:
         out = [None] * self.runtime.world_size
         dist.all_gather_object(out, value)
         return out
-
-
-def _local(t: torch.Tensor) -> torch.Tensor:
-    return t.full_tensor() if isinstance(t, DTensor) else t

@@ -9,6 +9,7 @@ robin), and Mitzenmacher's "power of two choices" (IEEE TPDS 2001)."""
 
 from __future__ import annotations
 
+import abc
 import bisect
 import hashlib
 import itertools
@@ -30,11 +31,12 @@ def _stable_hash(text: str) -> int:
     return int.from_bytes(hashlib.blake2b(text.encode(), digest_size=8).digest(), "big")
 
 
-class Strategy:
+class Strategy(abc.ABC):
     name = ""
 
+    @abc.abstractmethod
     def choose(self, backends: list[Backend], request: RouteRequest) -> Backend:
-        raise NotImplementedError
+        """The backend for ``request`` among the usable ``backends``."""
 
     def routed(self, backend: Backend, request: RouteRequest) -> None:
         """Called once the request went to ``backend`` (for strategies that learn)."""
